@@ -1,0 +1,3 @@
+"""extauthz: an Envoy external-authorization server."""
+
+__version__ = "0.1.0"
