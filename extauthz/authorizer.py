@@ -1,0 +1,209 @@
+"""The decision pipeline: request model → identity → policy → Decision.
+
+Pure and synchronous: no protobuf, no I/O, no clock reads beyond PyJWT's. The policy set is
+one reference swapped whole on reload, so a Check sees either the old set or the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from .config import Settings
+from .decision import Decision, Header, Outcome, new_decision_id
+from .errors import ExtAuthzError, IdentityError, SpiffeIdError
+from .identity import peer as peer_identity
+from .identity import spiffe
+from .identity.jwt import VerifiedToken, claim_value
+from .policy.engine import PolicySet, WorkloadPolicies
+from .policy.model import Attributes
+from .request import CheckInput
+from .response import DECISION_ID_HEADER
+
+log = logging.getLogger(__name__)
+
+_CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F)) - {"\t"}
+
+
+class Authorizer:
+    """Turns one :class:`CheckInput` into one :class:`Decision`; never raises."""
+
+    def __init__(self, policies: PolicySet, settings: Settings | None = None) -> None:
+        self._policies = policies
+        self.settings = settings or Settings()
+
+    @property
+    def policies(self) -> PolicySet:
+        return self._policies
+
+    def swap(self, policies: PolicySet) -> None:
+        """Install a new compiled set; in-flight checks finish on the one they started with."""
+        self._policies = policies
+
+    def refuse(self, exc: ExtAuthzError, decision_id: str = "") -> Decision:
+        """The deny for an error: 401 for identity failures, 403 for everything else."""
+        decision_id = decision_id or new_decision_id()
+        if isinstance(exc, IdentityError):
+            return Decision(
+                Outcome.UNAUTHENTICATED,
+                exc.reason,
+                exc.message,
+                decision_id,
+                policy_revision=self._policies.revision,
+                client_headers=(_www_authenticate(exc.reason),),
+            )
+        return Decision(
+            Outcome.PERMISSION_DENIED,
+            exc.reason,
+            exc.message,
+            decision_id,
+            policy_revision=self._policies.revision,
+        )
+
+    def check(self, inp: CheckInput) -> Decision:
+        decision_id = new_decision_id()
+        policies = self._policies
+        try:
+            return self._check(inp, policies, decision_id)
+        except ExtAuthzError as exc:
+            return self.refuse(exc, decision_id)
+        except Exception:
+            # Fail closed: a bug must never become an allow or an RPC error.
+            log.exception("decision %s failed; denying", decision_id)
+            return Decision(
+                Outcome.ERROR,
+                "internal_error",
+                "the authorization server failed to decide",
+                decision_id,
+                policy_revision=policies.revision,
+            )
+
+    def _workload(self, inp: CheckInput, policies: PolicySet) -> WorkloadPolicies:
+        ext = inp.context_extensions
+        namespace = (
+            ext.get("namespace")
+            or self.settings.workload_namespace
+            or _namespace_of(inp.destination_principal)
+        )
+        labels = ext.get("labels", self.settings.workload_labels)
+        return policies.for_workload(namespace, labels)
+
+    def _check(self, inp: CheckInput, policies: PolicySet, decision_id: str) -> Decision:
+        workload = self._workload(inp, policies)
+        peer = peer_identity.resolve(inp)
+        token = None if _is_cors_preflight(inp) else workload.verifier.verify(inp)
+        attrs = Attributes(
+            inp,
+            peer=peer.spiffe if peer else None,
+            principal=peer.principal if peer else None,
+            token=token,
+            remote_ip=_remote_ip(inp, self.settings.xff_trusted_hops),
+        )
+        verdict = workload.evaluate(attrs)
+        shadow = verdict.dry_run
+        common: dict[str, Any] = {
+            "policy": verdict.policy,
+            "rule": verdict.rule,
+            "audit": verdict.audit,
+            "dry_run_allowed": shadow.allowed if shadow else None,
+            "dry_run_policy": shadow.policy if shadow else "",
+            "spiffe_id": peer.spiffe.uri if peer and peer.spiffe else "",
+            "principal": peer.principal if peer else "",
+            "issuer": token.issuer if token else "",
+            "subject": token.subject if token else "",
+            "policy_revision": policies.revision,
+        }
+        if not verdict.allowed:
+            message = (
+                "a DENY policy matched"
+                if verdict.reason == "denied_by_policy"
+                else "no ALLOW policy matched"
+            )
+            return Decision(
+                Outcome.PERMISSION_DENIED, verdict.reason, message, decision_id, **common
+            )
+        upstream, remove = self._upstream_headers(workload, peer, token, decision_id)
+        return Decision(
+            Outcome.ALLOW,
+            verdict.reason,
+            "allowed",
+            decision_id,
+            upstream_headers=upstream,
+            remove_headers=remove,
+            **common,
+        )
+
+    def _upstream_headers(
+        self,
+        workload: WorkloadPolicies,
+        peer: peer_identity.Peer | None,
+        token: VerifiedToken | None,
+        decision_id: str,
+    ) -> tuple[tuple[Header, ...], tuple[str, ...]]:
+        out: list[Header] = [(DECISION_ID_HEADER, decision_id)]
+        if peer is not None and peer.spiffe is not None:
+            out.append((self.settings.spiffe_id_header, peer.spiffe.uri))
+        remove: list[str] = []
+        if token is not None:
+            provider = token.provider
+            for item in provider.output_claim_to_headers:
+                value = _claim_header_value(token.claims, item.claim)
+                if value is not None:
+                    out.append((item.header, value))
+            if provider.output_payload_to_header:
+                out.append((provider.output_payload_to_header, token.payload_segment))
+            if not provider.forward_original_token and token.location.kind == "header":
+                remove.append(token.location.name)
+        # Strip every identity header a caller could have forged and we did not set.
+        written = {k for k, _ in out}
+        managed = workload.verifier.output_headers | {self.settings.spiffe_id_header}
+        remove.extend(sorted(managed - written))
+        return tuple(out), tuple(remove)
+
+
+def _namespace_of(principal: str) -> str | None:
+    if not principal.startswith(spiffe.SCHEME):
+        return None
+    try:
+        return spiffe.parse(principal).namespace or None
+    except SpiffeIdError:
+        return None
+
+
+def _is_cors_preflight(inp: CheckInput) -> bool:
+    # Browsers send preflights without credentials; Envoy's jwt_authn lets them through.
+    h = inp.headers
+    return inp.method == "OPTIONS" and "origin" in h and "access-control-request-method" in h
+
+
+def _remote_ip(inp: CheckInput, trusted_hops: int) -> str:
+    """Istio's ``remote.ip``: the client address behind ``trusted_hops`` trusted proxies."""
+    if trusted_hops <= 0:
+        return inp.source_ip
+    xff = [a.strip() for a in inp.headers.get("x-forwarded-for", "").split(",") if a.strip()]
+    if not xff:
+        return inp.source_ip
+    return xff[max(len(xff) - trusted_hops - 1, 0)]
+
+
+def _claim_header_value(claims: Mapping[str, Any], claim: str) -> str | None:
+    """A string/int/bool claim as a header value; None if absent, another type or unsafe."""
+    value = claims[claim] if claim in claims else claim_value(claims, claim.split("."))
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int | str):
+        text = str(value)
+    else:
+        return None
+    if any(ch in _CONTROL for ch in text):
+        return None  # CR/LF or NUL in a claim must never reach an upstream header
+    return text
+
+
+def _www_authenticate(reason: str) -> Header:
+    error = "invalid_request" if reason == "jwt_multiple" else "invalid_token"
+    return (
+        "www-authenticate",
+        f'Bearer realm="extauthz", error="{error}", error_description="{reason}"',
+    )

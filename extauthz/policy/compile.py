@@ -1,0 +1,639 @@
+"""Compile Istio ``security.istio.io`` resources into matchers, refusing anything doubtful.
+
+Every problem is reported as ``file:line: <resource>: <field path>: what is wrong``; a typo in
+a field name is an error (with a suggestion), never silently ignored, because an ignored
+``notPrincipals`` would turn a DENY into nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlparse
+
+from ..errors import JwksError, PolicyError
+from ..identity.jwt import (
+    DEFAULT_LOCATIONS,
+    SUPPORTED_ALGORITHMS,
+    ClaimToHeader,
+    JwtProvider,
+    TokenLocation,
+    claim_value,
+    compile_jwks,
+)
+from .match import (
+    BadValue,
+    compile_globs,
+    compile_ip_blocks,
+    compile_path_templates,
+    compile_request_principals,
+    compile_strings,
+    is_path_template,
+)
+from .model import (
+    Action,
+    Attributes,
+    AuthorizationPolicy,
+    Clause,
+    FieldCheck,
+    RequestAuthentication,
+    Rule,
+    Scope,
+    Test,
+)
+from .source import Node
+
+API_GROUP = "security.istio.io"
+API_VERSIONS = frozenset({f"{API_GROUP}/v1", f"{API_GROUP}/v1beta1"})
+DRY_RUN_ANNOTATION = "istio.io/dry-run"
+ALGORITHMS_ANNOTATION = "extauthz.io/jwt-algorithms"
+
+_RESOURCE_KEYS = ("apiVersion", "kind", "metadata", "spec", "status")
+_AUTHZ_SPEC_KEYS = ("selector", "targetRef", "targetRefs", "action", "provider", "rules")
+_AUTHN_SPEC_KEYS = ("selector", "targetRef", "targetRefs", "jwtRules")
+_RULE_KEYS = ("from", "to", "when")
+_SOURCE_FIELDS = (
+    "principals",
+    "notPrincipals",
+    "requestPrincipals",
+    "notRequestPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "serviceAccounts",
+    "notServiceAccounts",
+    "ipBlocks",
+    "notIpBlocks",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+)
+_OPERATION_FIELDS = (
+    "hosts",
+    "notHosts",
+    "ports",
+    "notPorts",
+    "methods",
+    "notMethods",
+    "paths",
+    "notPaths",
+)
+_CONDITION_KEYS = ("key", "values", "notValues")
+_JWT_RULE_KEYS = (
+    "issuer",
+    "audiences",
+    "jwksUri",
+    "jwks",
+    "fromHeaders",
+    "fromParams",
+    "fromCookies",
+    "outputPayloadToHeader",
+    "forwardOriginalToken",
+    "outputClaimToHeaders",
+    "timeout",
+)
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+
+
+class _Ctx:
+    """Where we are in a resource, to prefix every error."""
+
+    def __init__(self, file: str, resource: str) -> None:
+        self.file = file
+        self.resource = resource
+
+    def error(self, node: Any, path: str, message: str, key: str | None = None) -> PolicyError:
+        line = 0
+        if isinstance(node, Node):
+            line = node.line_of(key) if key else node.line
+        where = f"{self.resource}: {path}: " if path else f"{self.resource}: "
+        return PolicyError(where + message, file=self.file, line=line)
+
+
+def _check_keys(ctx: _Ctx, node: Any, path: str, allowed: Sequence[str]) -> Node:
+    if not isinstance(node, Node):
+        raise ctx.error(node, path, f"must be a mapping, got {type(node).__name__}")
+    for key in node:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ctx.error(node, path, f"unknown field {key!r}{suggestion}", key)
+    return node
+
+
+def _string_list(ctx: _Ctx, node: Node, key: str, path: str) -> list[str]:
+    value = node[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ctx.error(node, f"{path}.{key}", "must be a list of strings", key)
+    if not value:
+        raise ctx.error(node, f"{path}.{key}", "must not be empty (omit the field instead)", key)
+    return value
+
+
+# --- resources --------------------------------------------------------------------------
+
+
+def compile_resource(
+    body: Any, *, file: str, root_namespace: str, base_dir: Path
+) -> AuthorizationPolicy | RequestAuthentication | str:
+    """Compile one YAML document. Returns a warning string for resources extauthz ignores."""
+    ctx = _Ctx(file, "resource")
+    node = _check_keys(ctx, body, "", _RESOURCE_KEYS)
+    api, kind = node.get("apiVersion"), node.get("kind")
+    if not isinstance(api, str) or not isinstance(kind, str):
+        raise ctx.error(node, "", "apiVersion and kind are required strings")
+    meta = node.get("metadata")
+    if not isinstance(meta, Node) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise ctx.error(node, "metadata.name", "is required", "metadata")
+    name: str = meta["name"]
+    namespace = meta.get("namespace")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise ctx.error(meta, "metadata.namespace", "must be a non-empty string", "namespace")
+    annotations = meta.get("annotations") or {}
+    if not isinstance(annotations, Mapping) or not all(
+        isinstance(v, str) for v in annotations.values()
+    ):
+        raise ctx.error(meta, "metadata.annotations", "must map strings to strings")
+    ctx.resource = f"{kind} {namespace + '/' if namespace else ''}{name}"
+    if api.split("/")[0] != API_GROUP or kind not in (
+        "AuthorizationPolicy",
+        "RequestAuthentication",
+    ):
+        return f"{file}:{node.line}: ignoring {api} {kind} {name!r} (not enforced by extauthz)"
+    if api not in API_VERSIONS:
+        raise ctx.error(node, "apiVersion", f"unsupported version {api!r}", "apiVersion")
+    spec = node.get("spec")
+    if spec is None:
+        spec = Node()
+        spec.file, spec.line, spec.key_lines = file, node.line, {}
+    # Policies in the root namespace, or with none at all, apply to every workload.
+    scope_ns = None if namespace in (None, root_namespace) else namespace
+    if kind == "AuthorizationPolicy":
+        return _authorization_policy(ctx, spec, name, namespace, scope_ns, annotations, node.line)
+    return _request_authentication(
+        ctx, spec, name, namespace, scope_ns, annotations, node.line, base_dir
+    )
+
+
+def _scope(ctx: _Ctx, spec: Node, namespace: str | None) -> Scope:
+    for key in ("targetRef", "targetRefs"):
+        if key in spec:
+            raise ctx.error(
+                spec,
+                f"spec.{key}",
+                "targetRefs (Gateway API / Service) are not supported yet; use selector",
+                key,
+            )
+    selector = spec.get("selector")
+    if selector is None:
+        return Scope(namespace, None)
+    sel = _check_keys(ctx, selector, "spec.selector", ("matchLabels",))
+    labels = sel.get("matchLabels") or {}
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise ctx.error(sel, "spec.selector.matchLabels", "must map strings to strings")
+    return Scope(namespace, MappingProxyType(dict(labels)) if labels else None)
+
+
+def _authorization_policy(
+    ctx: _Ctx,
+    spec: Any,
+    name: str,
+    namespace: str | None,
+    scope_ns: str | None,
+    annotations: Mapping[str, str],
+    line: int,
+) -> AuthorizationPolicy:
+    spec = _check_keys(ctx, spec, "spec", _AUTHZ_SPEC_KEYS)
+    action_name = spec.get("action", "ALLOW")
+    if action_name == "CUSTOM" or "provider" in spec:
+        raise ctx.error(
+            spec,
+            "spec.action",
+            "CUSTOM delegates to an external authorizer; extauthz is that authorizer, so write "
+            "the rules as ALLOW/DENY policies here",
+            "action",
+        )
+    try:
+        action = Action(action_name)
+    except ValueError:
+        raise ctx.error(
+            spec, "spec.action", f"{action_name!r} is not one of ALLOW, DENY, AUDIT", "action"
+        ) from None
+    dry_run = annotations.get(DRY_RUN_ANNOTATION, "false").lower()
+    if dry_run not in ("true", "false"):
+        raise ctx.error(spec, f"metadata.annotations[{DRY_RUN_ANNOTATION}]", "must be true/false")
+    rules_node = spec.get("rules") or []
+    if not isinstance(rules_node, list):
+        raise ctx.error(spec, "spec.rules", "must be a list", "rules")
+    rules = tuple(
+        _rule(ctx, r, i, spec.line_of("rules"), namespace) for i, r in enumerate(rules_node)
+    )
+    return AuthorizationPolicy(
+        name=name,
+        namespace=namespace,
+        scope=_scope(ctx, spec, scope_ns),
+        action=action,
+        rules=rules,
+        dry_run=dry_run == "true",
+        file=ctx.file,
+        line=line,
+    )
+
+
+# --- rules ------------------------------------------------------------------------------
+
+
+def _rule(ctx: _Ctx, node: Any, index: int, fallback_line: int, namespace: str | None) -> Rule:
+    path = f"rules[{index}]"
+    if node is None:
+        node = Node()
+        node.file, node.line, node.key_lines = ctx.file, fallback_line, {}
+    node = _check_keys(ctx, node, path, _RULE_KEYS)
+    sources = _entries(ctx, node, "from", "source", _SOURCE_FIELDS, _source_field, path, namespace)
+    operations = _entries(
+        ctx, node, "to", "operation", _OPERATION_FIELDS, _operation_field, path, namespace
+    )
+    when = node.get("when") or []
+    if not isinstance(when, list):
+        raise ctx.error(node, f"{path}.when", "must be a list", "when")
+    conditions = tuple(_condition(ctx, c, f"{path}.when[{i}]") for i, c in enumerate(when))
+    return Rule(index, node.line, sources, operations, Clause(f"{path}.when", conditions))
+
+
+def _entries(
+    ctx: _Ctx,
+    rule: Node,
+    key: str,
+    inner: str,
+    fields: Sequence[str],
+    compile_field: Callable[[str, list[str], str | None], Test],
+    rule_path: str,
+    namespace: str | None,
+) -> tuple[Clause, ...]:
+    entries = rule.get(key) or []
+    if not isinstance(entries, list):
+        raise ctx.error(rule, f"{rule_path}.{key}", "must be a list", key)
+    clauses: list[Clause] = []
+    for i, entry in enumerate(entries):
+        entry_path = f"{rule_path}.{key}[{i}]"
+        entry = _check_keys(ctx, entry, entry_path, (inner,))
+        body_path = f"{entry_path}.{inner}"
+        body = _check_keys(ctx, entry.get(inner), body_path, fields)
+        if not body:
+            raise ctx.error(body, body_path, f"an empty {inner} matches nothing useful; remove it")
+        checks: list[FieldCheck] = []
+        for name in body:
+            values = _string_list(ctx, body, name, body_path)
+            try:
+                test = compile_field(name, values, namespace)
+            except BadValue as exc:
+                raise ctx.error(body, f"{body_path}.{name}", str(exc), name) from None
+            checks.append(FieldCheck(f"{body_path}.{name}", body.line_of(name), test))
+        clauses.append(Clause(body_path, tuple(checks)))
+    return tuple(clauses)
+
+
+def _negate(test: Test, negate: bool) -> Test:
+    return (lambda a: not test(a)) if negate else test
+
+
+def _source_field(name: str, values: list[str], namespace: str | None) -> Test:
+    negate = name.startswith("not")
+    base = name[3].lower() + name[4:] if negate else name
+    if base == "ipBlocks":
+        ips = compile_ip_blocks(values)
+        return _negate(lambda a: ips(a.source_ip), negate)
+    if base == "remoteIpBlocks":
+        rips = compile_ip_blocks(values)
+        return _negate(lambda a: rips(a.remote_ip), negate)
+    if base == "requestPrincipals":
+        rp = compile_request_principals(values)
+        return _negate(lambda a: rp(a.request_principal), negate)
+    if base == "namespaces":
+        ns = compile_globs(values)
+        return _negate(lambda a: ns(a.source_namespace), negate)
+    if base == "serviceAccounts":
+        accounts = frozenset(_service_account(v, namespace) for v in values)
+        return _negate(lambda a: a.service_account in accounts, negate)
+    principals = compile_strings(values)
+    return _negate(lambda a: principals(a.principal), negate)
+
+
+def _service_account(value: str, namespace: str | None) -> str:
+    """``sa`` or ``ns/sa``; a bare name is in the policy's own namespace, as in Istio."""
+    if "*" in value or value.count("/") > 1 or not value.strip("/") or value != value.strip():
+        raise BadValue(f"{value!r}: write a service account as '<name>' or '<namespace>/<name>'")
+    if "/" in value:
+        return value
+    if namespace is None:
+        raise BadValue(f"{value!r}: a policy without a namespace must write '<namespace>/<name>'")
+    return f"{namespace}/{value}"
+
+
+def _operation_field(name: str, values: list[str], namespace: str | None) -> Test:
+    negate = name.startswith("not")
+    base = name[3].lower() + name[4:] if negate else name
+    if base == "hosts":
+        # Case-insensitive against the whole :authority; Istio does not strip the port, so
+        # "example.com" does not match "example.com:8080" (write "example.com:*" too).
+        hosts = compile_strings(values, fold_case=True, star_matches_empty=True)
+        return _negate(lambda a: hosts(a.inp.host), negate)
+    if base == "ports":
+        for v in values:
+            if not v.isdigit() or not 0 < int(v) < 65536:
+                raise BadValue(f"{v!r} is not a port number")
+        ports = frozenset(str(int(v)) for v in values)
+        return _negate(lambda a: a.port in ports, negate)
+    if base == "methods":
+        methods = compile_strings(values, star_matches_empty=True)
+        return _negate(lambda a: methods(a.inp.method), negate)
+    plain = [v for v in values if not is_path_template(v)]
+    templates = [v for v in values if is_path_template(v)]
+    strings = compile_strings(plain)
+    if not templates:
+        return _negate(lambda a: strings(a.inp.path), negate)
+    tmpl = compile_path_templates(templates)
+    return _negate(lambda a: strings(a.inp.path) or tmpl(a.inp.path), negate)
+
+
+# --- when conditions --------------------------------------------------------------------
+
+_CLAIM_STEP = re.compile(r"\[([^\[\]]+)\]")
+
+
+def _claim_path(key: str) -> tuple[str, ...]:
+    suffix = key[len("request.auth.claims") :]
+    steps = _CLAIM_STEP.findall(suffix)
+    if not steps or "".join(f"[{s}]" for s in steps) != suffix:
+        raise BadValue(f"{key!r}: write claims as request.auth.claims[name] or [a][b] for nesting")
+    return tuple(steps)
+
+
+def _claim_strings(value: Any, *, split: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(value.split()) if split else (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, str))
+    return ()
+
+
+def _condition_getter(key: str) -> Callable[[list[str]], Callable[[Attributes], bool]]:
+    """The matcher factory for one ``when`` key."""
+    if key.startswith("request.headers[") and key.endswith("]"):
+        header = key[len("request.headers[") : -1].lower()
+        if not _HEADER_NAME.fullmatch(header):
+            raise BadValue(f"{key!r}: not a valid header name")
+        return lambda vals: _str_test(
+            compile_strings(vals, star_matches_empty=True), lambda a: a.headers.get(header)
+        )
+    if key.startswith("request.auth.claims"):
+        steps = _claim_path(key)
+        # Istio splits these space-delimited OAuth claims into lists before matching.
+        split = steps in (("scope",), ("permission",))
+
+        def claims_factory(vals: list[str]) -> Callable[[Attributes], bool]:
+            m = compile_strings(vals)
+
+            def test(a: Attributes) -> bool:
+                claims = a.claims
+                if claims is None:
+                    return False
+                return m.any(_claim_strings(claim_value(claims, steps), split=split))
+
+            return test
+
+        return claims_factory
+    simple: dict[str, Callable[[Attributes], str | None]] = {
+        "source.principal": lambda a: a.principal,
+        "source.namespace": lambda a: a.source_namespace,
+        "source.serviceAccount": lambda a: a.service_account,
+        "request.auth.presenter": lambda a: (a.token.presenter or None) if a.token else None,
+        "destination.port": lambda a: a.port,
+        "connection.sni": lambda a: a.inp.sni or None,
+    }
+    if key in simple:
+        get = simple[key]
+        if key == "destination.port":
+            return lambda vals: _port_test(vals, get)
+        return lambda vals: _str_test(compile_strings(vals), get)
+    if key == "request.auth.principal":
+
+        def rp_factory(vals: list[str]) -> Callable[[Attributes], bool]:
+            m = compile_request_principals(vals)
+            return lambda a: m(a.request_principal)
+
+        return rp_factory
+    if key == "request.auth.audiences":
+
+        def aud_factory(vals: list[str]) -> Callable[[Attributes], bool]:
+            m = compile_strings(vals)
+            return lambda a: a.token is not None and m.any(a.token.audiences)
+
+        return aud_factory
+    ip_getters: dict[str, Callable[[Attributes], Any]] = {
+        "source.ip": lambda a: a.source_ip,
+        "remote.ip": lambda a: a.remote_ip,
+        "destination.ip": lambda a: a.destination_ip,
+    }
+    if key in ip_getters:
+        get_ip = ip_getters[key]
+        return lambda vals: (lambda m: lambda a: m(get_ip(a)))(compile_ip_blocks(vals))
+    if key.startswith("experimental."):
+        raise BadValue(f"{key!r}: experimental Envoy filter-state keys are not supported")
+    raise BadValue(f"unknown condition key {key!r}")
+
+
+def _str_test(
+    m: Callable[[str | None], bool], get: Callable[[Attributes], str | None]
+) -> Callable[[Attributes], bool]:
+    return lambda a: m(get(a))
+
+
+def _port_test(
+    vals: list[str], get: Callable[[Attributes], str | None]
+) -> Callable[[Attributes], bool]:
+    for v in vals:
+        if not v.isdigit():
+            raise BadValue(f"{v!r} is not a port number")
+    ports = frozenset(str(int(v)) for v in vals)
+    return lambda a: get(a) in ports
+
+
+def _condition(ctx: _Ctx, node: Any, path: str) -> FieldCheck:
+    node = _check_keys(ctx, node, path, _CONDITION_KEYS)
+    key = node.get("key")
+    if not isinstance(key, str) or not key:
+        raise ctx.error(node, f"{path}.key", "is required")
+    if "values" not in node and "notValues" not in node:
+        raise ctx.error(node, path, "needs values or notValues")
+    try:
+        factory = _condition_getter(key)
+        tests: list[Test] = []
+        if "values" in node:
+            tests.append(factory(_string_list(ctx, node, "values", path)))
+        if "notValues" in node:
+            tests.append(_negate(factory(_string_list(ctx, node, "notValues", path)), True))
+    except BadValue as exc:
+        raise ctx.error(node, path, str(exc), "key") from None
+    if len(tests) == 1:
+        return FieldCheck(f"{path}[{key}]", node.line, tests[0])
+    first, second = tests
+    return FieldCheck(f"{path}[{key}]", node.line, lambda a: first(a) and second(a))
+
+
+# --- RequestAuthentication --------------------------------------------------------------
+
+
+def _request_authentication(
+    ctx: _Ctx,
+    spec: Any,
+    name: str,
+    namespace: str | None,
+    scope_ns: str | None,
+    annotations: Mapping[str, str],
+    line: int,
+    base_dir: Path,
+) -> RequestAuthentication:
+    spec = _check_keys(ctx, spec, "spec", _AUTHN_SPEC_KEYS)
+    algorithms = SUPPORTED_ALGORITHMS
+    if ALGORITHMS_ANNOTATION in annotations:
+        wanted = {a.strip() for a in annotations[ALGORITHMS_ANNOTATION].split(",") if a.strip()}
+        unknown = wanted - SUPPORTED_ALGORITHMS
+        if unknown or not wanted:
+            raise ctx.error(
+                spec,
+                f"metadata.annotations[{ALGORITHMS_ANNOTATION}]",
+                f"unsupported algorithm(s) {sorted(unknown)}; choose from "
+                f"{sorted(SUPPORTED_ALGORITHMS)}",
+            )
+        algorithms = frozenset(wanted)
+    rules = spec.get("jwtRules") or []
+    if not isinstance(rules, list):
+        raise ctx.error(spec, "spec.jwtRules", "must be a list", "jwtRules")
+    providers = tuple(
+        _jwt_rule(ctx, r, f"spec.jwtRules[{i}]", algorithms, base_dir) for i, r in enumerate(rules)
+    )
+    issuers = [p.issuer for p in providers]
+    dup = {i for i in issuers if issuers.count(i) > 1}
+    if dup:
+        raise ctx.error(spec, "spec.jwtRules", f"issuer(s) {sorted(dup)} listed twice", "jwtRules")
+    return RequestAuthentication(
+        name, namespace, _scope(ctx, spec, scope_ns), providers, ctx.file, line
+    )
+
+
+def _jwt_rule(
+    ctx: _Ctx, node: Any, path: str, algorithms: frozenset[str], base_dir: Path
+) -> JwtProvider:
+    node = _check_keys(ctx, node, path, _JWT_RULE_KEYS)
+    issuer = node.get("issuer")
+    if not isinstance(issuer, str) or not issuer:
+        raise ctx.error(node, f"{path}.issuer", "is required")
+    audiences = (
+        frozenset(_string_list(ctx, node, "audiences", path))
+        if "audiences" in node
+        else frozenset()
+    )
+    where = f"{ctx.file}:{node.line}"
+    try:
+        if "jwks" in node and "jwksUri" in node:
+            raise ctx.error(node, path, "set jwks or jwksUri, not both", "jwks")
+        if "jwks" in node:
+            if not isinstance(node["jwks"], str):
+                raise ctx.error(node, f"{path}.jwks", "must be a JSON string", "jwks")
+            keys = compile_jwks(node["jwks"], source=f"{where}: {path}.jwks")
+        elif "jwksUri" in node:
+            keys = compile_jwks(
+                _read_jwks_uri(ctx, node, path, base_dir), source=f"{where}: {path}.jwksUri"
+            )
+        else:
+            raise ctx.error(
+                node, path, "needs jwks or jwksUri (OIDC discovery is not supported yet)"
+            )
+    except JwksError as exc:
+        raise ctx.error(node, path, exc.message.split(": ", 2)[-1], "jwks") from None
+    forward = node.get("forwardOriginalToken", False)
+    if not isinstance(forward, bool):
+        raise ctx.error(node, f"{path}.forwardOriginalToken", "must be true or false")
+    payload_header = node.get("outputPayloadToHeader", "")
+    if payload_header and (
+        not isinstance(payload_header, str) or not _HEADER_NAME.fullmatch(payload_header)
+    ):
+        raise ctx.error(node, f"{path}.outputPayloadToHeader", "must be a header name")
+    return JwtProvider(
+        issuer=issuer,
+        audiences=audiences,
+        keys=keys,
+        locations=_locations(ctx, node, path),
+        algorithms=algorithms,
+        output_claim_to_headers=_claim_headers(ctx, node, path),
+        output_payload_to_header=str(payload_header).lower(),
+        forward_original_token=forward,
+        source=where,
+    )
+
+
+def _read_jwks_uri(ctx: _Ctx, node: Node, path: str, base_dir: Path) -> str:
+    uri = node["jwksUri"]
+    if not isinstance(uri, str) or not uri:
+        raise ctx.error(node, f"{path}.jwksUri", "must be a URI string", "jwksUri")
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        raise ctx.error(
+            node,
+            f"{path}.jwksUri",
+            "fetching JWKS over http(s) is not supported yet; use jwks (inline) or a file:// URI",
+            "jwksUri",
+        )
+    if parsed.scheme not in ("file", ""):
+        raise ctx.error(node, f"{path}.jwksUri", f"unsupported scheme {parsed.scheme!r}")
+    file_path = Path(parsed.path if parsed.scheme == "file" else uri)
+    if not file_path.is_absolute():
+        file_path = base_dir / file_path
+    try:
+        return file_path.read_text()
+    except OSError as exc:
+        raise ctx.error(
+            node, f"{path}.jwksUri", f"cannot read {file_path}: {exc.strerror}", "jwksUri"
+        ) from None
+
+
+def _locations(ctx: _Ctx, node: Node, path: str) -> tuple[TokenLocation, ...]:
+    locs: list[TokenLocation] = []
+    headers = node.get("fromHeaders") or []
+    if not isinstance(headers, list):
+        raise ctx.error(node, f"{path}.fromHeaders", "must be a list", "fromHeaders")
+    for i, h in enumerate(headers):
+        h = _check_keys(ctx, h, f"{path}.fromHeaders[{i}]", ("name", "prefix"))
+        hname, prefix = h.get("name"), h.get("prefix", "")
+        if not isinstance(hname, str) or not _HEADER_NAME.fullmatch(hname):
+            raise ctx.error(h, f"{path}.fromHeaders[{i}].name", "must be a header name")
+        if not isinstance(prefix, str):
+            raise ctx.error(h, f"{path}.fromHeaders[{i}].prefix", "must be a string")
+        locs.append(TokenLocation("header", hname.lower(), prefix))
+    for key, kind in (("fromParams", "param"), ("fromCookies", "cookie")):
+        if key in node:
+            for v in _string_list(ctx, node, key, path):
+                locs.append(TokenLocation(kind, v))  # type: ignore[arg-type]
+    return tuple(locs) or DEFAULT_LOCATIONS
+
+
+def _claim_headers(ctx: _Ctx, node: Node, path: str) -> tuple[ClaimToHeader, ...]:
+    items = node.get("outputClaimToHeaders") or []
+    if not isinstance(items, list):
+        raise ctx.error(node, f"{path}.outputClaimToHeaders", "must be a list")
+    out: list[ClaimToHeader] = []
+    for i, item in enumerate(items):
+        p = f"{path}.outputClaimToHeaders[{i}]"
+        item = _check_keys(ctx, item, p, ("header", "claim"))
+        header, claim = item.get("header"), item.get("claim")
+        if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
+            raise ctx.error(item, f"{p}.header", "must be a header name")
+        if not isinstance(claim, str) or not claim:
+            raise ctx.error(item, f"{p}.claim", "must be a claim name")
+        out.append(ClaimToHeader(header.lower(), claim))
+    return tuple(out)

@@ -1,0 +1,190 @@
+"""Compiled policies and the per-request attribute view they are evaluated against.
+
+Everything here is built once at load time by :mod:`extauthz.policy.compile` and is immutable;
+a reload builds a new set and swaps it in whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
+from typing import Any
+
+from ..identity.jwt import JwtProvider, VerifiedToken
+from ..identity.spiffe import SpiffeId
+from ..request import CheckInput
+from .match import IPAddress, parse_ip
+
+
+class Action(Enum):
+    ALLOW = "ALLOW"
+    DENY = "DENY"
+    AUDIT = "AUDIT"
+
+
+class Attributes:
+    """What a policy can ask about one request, each value computed at most once.
+
+    ``None`` means the attribute is absent (no mTLS peer, no token), which no positive match
+    accepts and every ``not`` form does, exactly as Istio's generated Envoy RBAC behaves.
+    """
+
+    def __init__(
+        self,
+        inp: CheckInput,
+        *,
+        peer: SpiffeId | None,
+        principal: str | None,
+        token: VerifiedToken | None,
+        remote_ip: str,
+    ) -> None:
+        self.inp = inp
+        self.peer = peer
+        self.principal = principal
+        self.token = token
+        self._remote_ip = remote_ip
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.inp.headers
+
+    @cached_property
+    def source_namespace(self) -> str | None:
+        return (self.peer.namespace or None) if self.peer else None
+
+    @cached_property
+    def service_account(self) -> str | None:
+        if self.peer is None or not self.peer.service_account:
+            return None
+        return f"{self.peer.namespace}/{self.peer.service_account}"
+
+    @cached_property
+    def request_principal(self) -> tuple[str, str] | None:
+        return (self.token.issuer, self.token.subject) if self.token else None
+
+    @cached_property
+    def claims(self) -> Mapping[str, Any] | None:
+        return self.token.claims if self.token else None
+
+    @cached_property
+    def source_ip(self) -> IPAddress | None:
+        return parse_ip(self.inp.source_ip)
+
+    @cached_property
+    def remote_ip(self) -> IPAddress | None:
+        return parse_ip(self._remote_ip)
+
+    @cached_property
+    def destination_ip(self) -> IPAddress | None:
+        return parse_ip(self.inp.destination_ip)
+
+    @cached_property
+    def port(self) -> str | None:
+        return str(self.inp.destination_port) if self.inp.destination_port else None
+
+
+Test = Callable[[Attributes], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldCheck:
+    """One field of a source, operation or condition, e.g. ``from[0].source.principals``."""
+
+    path: str
+    line: int
+    test: Test
+
+
+@dataclass(frozen=True, slots=True)
+class Clause:
+    """One ``source``, ``operation`` or ``when`` entry: all of its field checks must hold."""
+
+    path: str
+    checks: tuple[FieldCheck, ...]
+
+    def holds(self, attrs: Attributes) -> bool:
+        return all(c.test(attrs) for c in self.checks)
+
+    def first_failure(self, attrs: Attributes) -> FieldCheck | None:
+        return next((c for c in self.checks if not c.test(attrs)), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """``from`` entries OR'ed, ``to`` entries OR'ed, ``when`` conditions AND'ed; all AND'ed."""
+
+    index: int
+    line: int
+    sources: tuple[Clause, ...]
+    operations: tuple[Clause, ...]
+    conditions: Clause
+
+    @property
+    def name(self) -> str:
+        return f"rules[{self.index}]"
+
+    def matches(self, attrs: Attributes) -> bool:
+        return (
+            (not self.sources or any(s.holds(attrs) for s in self.sources))
+            and (not self.operations or any(o.holds(attrs) for o in self.operations))
+            and self.conditions.holds(attrs)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which workloads a resource applies to: namespace (None = every one) and selector."""
+
+    namespace: str | None
+    match_labels: Mapping[str, str] | None
+
+    def applies_to(self, namespace: str | None, labels: Mapping[str, str] | None) -> bool:
+        if self.namespace is not None and self.namespace != namespace:
+            return False
+        if not self.match_labels:
+            return True
+        return labels is not None and all(labels.get(k) == v for k, v in self.match_labels.items())
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    name: str
+    namespace: str | None
+    scope: Scope
+    action: Action
+    rules: tuple[Rule, ...]
+    dry_run: bool
+    file: str
+    line: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+    def first_match(self, attrs: Attributes) -> Rule | None:
+        return next((r for r in self.rules if r.matches(attrs)), None)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuthentication:
+    name: str
+    namespace: str | None
+    scope: Scope
+    providers: tuple[JwtProvider, ...]
+    file: str
+    line: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySource:
+    """What one load read: for logs, health and the policy revision."""
+
+    files: tuple[str, ...]
+    revision: str
+    warnings: tuple[str, ...] = ()

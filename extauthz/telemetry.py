@@ -1,0 +1,149 @@
+"""OpenTelemetry: one span per decision, configured the OpenTelemetry way.
+
+Exporters come from ``OTEL_TRACES_EXPORTER`` (``otlp`` by default, ``console``, ``none``; a
+comma-separated list), the OTLP protocol from ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` /
+``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc`` by default, or ``http/protobuf``), the sampler from
+``OTEL_TRACES_SAMPLER``, endpoints and resource from their standard variables. Spans leave
+through a BatchSpanProcessor: a slow or dead collector drops spans, it never delays a decision.
+
+The span is recorded after the decision with its real start time, so telemetry observes the
+pipeline instead of wrapping it: a telemetry failure cannot change an answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from . import __version__
+from .decision import Decision, Outcome
+from .errors import ConfigError
+from .request import CheckInput
+
+log = logging.getLogger(__name__)
+
+SPAN_NAME = "extauthz.check"
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def _exporter(name: str) -> SpanExporter | None:
+    if name == "none":
+        return None
+    if name == "console":
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: unsupported exporter {name!r}")
+    protocol = os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    )
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
+        )
+
+        return HttpExporter()
+    raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r}")
+
+
+class Telemetry:
+    """Records decisions as spans. ``Telemetry(None)`` records nothing and costs nothing."""
+
+    def __init__(self, provider: TracerProvider | None) -> None:
+        self.provider = provider
+        self._tracer = provider.get_tracer("extauthz", __version__) if provider else None
+
+    @classmethod
+    def from_env(cls, extra: Iterable[SpanProcessor] = ()) -> Telemetry:
+        """Build from the standard ``OTEL_*`` variables (plus processors tests inject)."""
+        extra = list(extra)
+        if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true" and not extra:
+            return cls(None)
+        names = os.environ.get("OTEL_TRACES_EXPORTER", "otlp")
+        exporters = [e for n in names.split(",") if (e := _exporter(n.strip().lower()))]
+        if not exporters and not extra:
+            return cls(None)
+        attrs = {} if "OTEL_SERVICE_NAME" in os.environ else {SERVICE_NAME: "extauthz"}
+        provider = TracerProvider(resource=Resource.create(attrs))
+        for exporter in exporters:
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+        for processor in extra:
+            provider.add_span_processor(processor)
+        return cls(provider)
+
+    def record(
+        self,
+        decision: Decision,
+        inp: CheckInput | None,
+        start_ns: int,
+        metadata: Iterable[tuple[str, Any]] = (),
+    ) -> None:
+        if self._tracer is None:
+            return
+        span = self._tracer.start_span(
+            SPAN_NAME,
+            context=_parent(metadata),
+            kind=SpanKind.SERVER,
+            start_time=start_ns,
+            attributes=span_attributes(decision, inp),
+        )
+        if decision.outcome is Outcome.ERROR:
+            span.set_status(Status(StatusCode.ERROR, decision.reason))
+        span.end()
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+def _parent(metadata: Iterable[tuple[str, Any]]) -> Context | None:
+    """The trace context Envoy propagates in the ext_authz call's gRPC metadata."""
+    carrier = {k: v for k, v in metadata if k in ("traceparent", "tracestate")}
+    return _PROPAGATOR.extract(carrier) if carrier else None
+
+
+def span_attributes(decision: Decision, inp: CheckInput | None) -> Mapping[str, Any]:
+    """Stable attribute names; never a token, a claim value or a query string."""
+    attrs: dict[str, Any] = {
+        "extauthz.decision": decision.outcome.value,
+        "extauthz.reason": decision.reason,
+        "extauthz.decision_id": decision.decision_id,
+    }
+    optional = {
+        "extauthz.policy": decision.policy,
+        "extauthz.rule": decision.rule,
+        "extauthz.policy_revision": decision.policy_revision,
+        "extauthz.source.spiffe_id": decision.spiffe_id,
+        "extauthz.source.principal": decision.principal,
+        "extauthz.jwt.issuer": decision.issuer,
+        "extauthz.jwt.subject": decision.subject,
+        "extauthz.dry_run.policy": decision.dry_run_policy,
+    }
+    attrs.update({k: v for k, v in optional.items() if v})
+    if decision.audit:
+        attrs["extauthz.audit.policies"] = list(decision.audit)
+    if decision.dry_run_allowed is not None:
+        attrs["extauthz.dry_run.decision"] = "allow" if decision.dry_run_allowed else "deny"
+    if inp is not None:
+        attrs["http.request.method"] = inp.method
+        attrs["url.path"] = inp.path
+        attrs["server.address"] = inp.host
+        if inp.request_id:
+            attrs["extauthz.request_id"] = inp.request_id
+    return attrs
