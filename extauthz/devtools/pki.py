@@ -156,12 +156,19 @@ class DevCA:
         return KeyPair(cert_pem=_cert_pem(cert), key_pem=_key_pem(key))
 
 
-def write_pki(out_dir: Path, trust_domain: str, workloads: Mapping[str, str]) -> dict[str, Path]:
+def write_pki(
+    out_dir: Path,
+    trust_domain: str,
+    workloads: Mapping[str, str],
+    *,
+    dns_names: Sequence[str] = (),
+) -> dict[str, Path]:
     """Create a CA and one SVID per workload (name -> SPIFFE ID) under ``out_dir``.
 
     Writes ``ca.pem``, ``<name>.pem`` and ``<name>-key.pem`` (mode 0600) and returns
     file stem -> path for everything written, e.g. ``{"ca": ..., "web": ..., "web-key": ...}``.
     The CA key is not written: nothing should be able to mint more certs from disk.
+    ``dns_names`` go into every SVID (e.g. ``localhost``, so curl can verify a sidecar).
     """
     paths = {"ca": out_dir / "ca.pem"}
     for name in workloads:
@@ -176,7 +183,7 @@ def write_pki(out_dir: Path, trust_domain: str, workloads: Mapping[str, str]) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     paths["ca"].write_bytes(ca.cert_pem)
     for name, spiffe_id in workloads.items():
-        pair = ca.issue_svid(spiffe_id)
+        pair = ca.issue_svid(spiffe_id, dns_names=dns_names)
         paths[name].write_bytes(pair.cert_pem)
         _write_private(paths[f"{name}-key"], pair.key_pem)
     return paths

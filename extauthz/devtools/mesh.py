@@ -1,0 +1,245 @@
+"""A local mesh on 127.0.0.1: extauthz, and per workload an echo upstream behind a real Envoy.
+
+Used by the integration tests and by ``extauthz demo``. Every process is a child of the
+caller and is stopped by :meth:`Mesh.stop` (also on context exit).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .envoy import EnvoyProcess, free_port, render_sidecar
+from .idp import DevIdP
+from .pki import DevCA, write_pki
+from .upstream import EchoServer
+
+REPO = Path(__file__).resolve().parents[2]
+SIDECAR_TEMPLATE = REPO / "envoy" / "sidecar.yaml"
+EXAMPLE_POLICIES = REPO / "policies"
+TRUST_DOMAIN = "demo.local"
+NAMESPACE = "shop"
+ISSUER = "https://idp.demo.local"
+JWKS_FILE = "demo-idp.jwks.json"
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Workload:
+    name: str
+    spiffe_id: str
+    port: int = 0
+    upstream: EchoServer | None = None
+    envoy: EnvoyProcess | None = None
+
+
+@dataclass
+class Mesh:
+    """``workloads`` serve behind sidecars; ``clients`` only get an SVID to call with."""
+
+    workdir: Path
+    policies: Path = EXAMPLE_POLICIES
+    workloads: Sequence[str] = ("frontend", "orders", "payments")
+    clients: Sequence[str] = ("intruder",)
+    env: Mapping[str, str] = field(default_factory=dict)
+    extauthz_args: Sequence[str] = ()
+    idp: DevIdP = field(default_factory=lambda: DevIdP.create(ISSUER))
+    services: dict[str, Workload] = field(default_factory=dict)
+    extauthz_port: int = 0
+    _extauthz: subprocess.Popen[bytes] | None = None
+    _certs: dict[str, Path] = field(default_factory=dict)
+
+    def spiffe_id(self, name: str) -> str:
+        return f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{name}"
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.workdir / "policies"
+
+    @property
+    def extauthz_log(self) -> Path:
+        return self.workdir / "extauthz.log"
+
+    def start(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        names = [*self.workloads, *self.clients]
+        self._certs = write_pki(
+            self.workdir / "certs",
+            TRUST_DOMAIN,
+            {n: self.spiffe_id(n) for n in names},
+            dns_names=["localhost"],
+        )
+        # A caller whose certificate chains to another CA: Envoy must refuse the handshake.
+        rogue = DevCA.create(TRUST_DOMAIN).issue_svid(self.spiffe_id("frontend"))
+        (self.workdir / "certs" / "rogue.pem").write_bytes(rogue.cert_pem)
+        (self.workdir / "certs" / "rogue-key.pem").write_bytes(rogue.key_pem)
+        if self.policy_dir.exists():
+            shutil.rmtree(self.policy_dir)
+        shutil.copytree(self.policies, self.policy_dir)
+        (self.policy_dir / JWKS_FILE).write_text(self.idp.jwks())
+        self._start_extauthz()
+        for name in self.workloads:
+            self._start_workload(name)
+
+    def _start_extauthz(self) -> None:
+        self.extauthz_port = free_port()
+        env = {**os.environ, "OTEL_TRACES_EXPORTER": "none", **self.env}
+        log = self.extauthz_log.open("wb")
+        self._extauthz = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "extauthz",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.extauthz_port}",
+                "--policies",
+                str(self.policy_dir),
+                *self.extauthz_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        wait_serving(f"127.0.0.1:{self.extauthz_port}", self._extauthz, self.extauthz_log)
+
+    def _start_workload(self, name: str) -> None:
+        upstream = EchoServer(name).start()
+        port, admin = free_port(), free_port()
+        config = render_sidecar(
+            SIDECAR_TEMPLATE,
+            listen_port=port,
+            admin_port=admin,
+            extauthz_port=self.extauthz_port,
+            upstream_port=upstream.port,
+            certs={
+                "ca": self._certs["ca"],
+                "cert": self._certs[name],
+                "key": self._certs[f"{name}-key"],
+            },
+            context_extensions={"namespace": NAMESPACE, "labels": f"app={name}"},
+        )
+        envoy = EnvoyProcess(config, workdir=self.workdir, admin_port=admin)
+        self.services[name] = Workload(name, self.spiffe_id(name), port, upstream, envoy)
+        envoy.start()
+
+    def stop_extauthz(self, *, timeout: float = 10.0) -> int | None:
+        """SIGTERM extauthz and wait for it: returns its exit code."""
+        proc, self._extauthz = self._extauthz, None
+        if proc is None:
+            return None
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop(self) -> None:
+        for w in self.services.values():
+            if w.envoy is not None:
+                w.envoy.stop()
+            if w.upstream is not None:
+                w.upstream.stop()
+        self.services.clear()
+        self.stop_extauthz()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def client_context(self, caller: str | None) -> ssl.SSLContext:
+        """TLS as the workload ``caller`` (None: no client certificate; "rogue": wrong CA)."""
+        ctx = ssl.create_default_context(cafile=str(self._certs["ca"]))
+        ctx.check_hostname = False  # SVIDs carry a SPIFFE ID, not a DNS name
+        if caller is not None:
+            certs = self.workdir / "certs"
+            ctx.load_cert_chain(certs / f"{caller}.pem", certs / f"{caller}-key.pem")
+        return ctx
+
+    def call(
+        self,
+        caller: str | None,
+        target: str,
+        method: str = "GET",
+        path: str = "/",
+        *,
+        token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        timeout: float = 5.0,
+    ) -> Response:
+        """One HTTPS request from ``caller``'s SVID to ``target``'s sidecar."""
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1",
+            self.services[target].port,
+            context=self.client_context(caller),
+            timeout=timeout,
+        )
+        all_headers = {"host": f"{target}.{NAMESPACE}", **(headers or {})}
+        if token is not None:
+            all_headers["authorization"] = f"Bearer {token}"
+        try:
+            conn.request(method, path, body=body, headers=all_headers)
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+
+def wait_serving(
+    target: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+    timeout: float = 20.0,
+) -> None:
+    """Poll grpc.health.v1 until extauthz reports SERVING; fail fast if it exited."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                tail = log.read_text()[-3000:] if log else ""
+                raise RuntimeError(f"extauthz exited with {proc.returncode}:\n{tail}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"extauthz at {target} not SERVING after {timeout}s")
+            time.sleep(0.05)

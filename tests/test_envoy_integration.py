@@ -1,0 +1,151 @@
+"""Through real Envoy sidecars with mTLS: the shipped policies, envoy/sidecar.yaml, extauthz.
+
+One mesh for the module (extauthz + frontend/orders/payments, each behind its own Envoy).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from extauthz.devtools.mesh import Mesh
+
+ALICE_ROLES = {"roles": ["user"]}
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    with Mesh(tmp_path_factory.mktemp("mesh")) as m:
+        yield m
+
+
+def token(mesh: Mesh, **kw: object) -> str:
+    kw.setdefault("audience", "shop")
+    return mesh.idp.token("alice", **kw)  # type: ignore[arg-type]
+
+
+def test_allowed_call_reaches_upstream_with_identity_headers(mesh: Mesh) -> None:
+    r = mesh.call("frontend", "orders", "GET", "/orders/42?expand=items", token=token(mesh))
+    assert r.status == 200, r.body
+    seen = r.json()
+    assert seen["service"] == "orders"
+    assert seen["path"] == "/orders/42?expand=items"
+    h = seen["headers"]
+    assert h["x-extauthz-spiffe-id"] == "spiffe://demo.local/ns/shop/sa/frontend"
+    assert h["x-user"] == "alice"  # outputClaimToHeaders
+    assert len(h["x-extauthz-decision-id"]) == 32
+    assert "authorization" not in h  # forwardOriginalToken: false
+
+
+def test_lateral_move_is_denied_with_json_reason(mesh: Mesh) -> None:
+    before = mesh.services["payments"].upstream.hits  # type: ignore[union-attr]
+    r = mesh.call("frontend", "payments", "POST", "/payments/1", token=token(mesh))
+    assert r.status == 403
+    body = r.json()
+    assert body["error"] == "permission_denied"
+    assert body["reason"] == "no_allow_policy_matched"
+    assert body["decision_id"] == r.headers["x-extauthz-decision-id"]
+    assert r.headers["content-type"] == "application/json"
+    assert mesh.services["payments"].upstream.hits == before  # type: ignore[union-attr]
+
+
+def test_service_to_service_call_without_user_token(mesh: Mesh) -> None:
+    r = mesh.call("orders", "payments", "POST", "/payments/charge")
+    assert r.status == 200, r.body
+    assert r.json()["headers"]["x-extauthz-spiffe-id"].endswith("/sa/orders")
+
+
+def test_wrong_spiffe_id_is_denied(mesh: Mesh) -> None:
+    r = mesh.call("intruder", "orders", "GET", "/orders", token=token(mesh))
+    assert r.status == 403
+    assert r.json()["reason"] == "no_allow_policy_matched"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda m: token(m, ttl=-3600), "jwt_expired"),
+        (lambda m: token(m, audience="other"), "jwt_audience_invalid"),
+        (lambda m: "not.a.jwt", "jwt_malformed"),
+        (
+            lambda m: jwt.encode(
+                {"iss": "https://idp.demo.local", "sub": "mallory", "aud": "shop"},
+                ec.generate_private_key(ec.SECP256R1()),
+                algorithm="ES256",
+                headers={"kid": m.idp.kid},
+            ),
+            "jwt_signature_invalid",
+        ),
+        (
+            lambda m: jwt.encode({"iss": "https://evil", "sub": "x"}, "k" * 32, "HS256"),
+            "jwt_issuer_unknown",
+        ),
+    ],
+    ids=["expired", "wrong-aud", "malformed", "forged-signature", "unknown-issuer"],
+)
+def test_invalid_token_is_401(mesh: Mesh, make: object, reason: str) -> None:
+    r = mesh.call("frontend", "orders", "GET", "/orders", token=make(mesh))  # type: ignore[operator]
+    assert r.status == 401, r.body
+    assert r.json()["reason"] == reason
+    assert r.headers["www-authenticate"].startswith('Bearer realm="extauthz", error="invalid_token"')
+
+
+def test_missing_token_is_left_to_policy(mesh: Mesh) -> None:
+    # orders requires a request principal: no token means no ALLOW rule matches (403, not 401)
+    assert mesh.call("frontend", "orders", "GET", "/orders").status == 403
+    # frontend allows any GET: no token is fine there
+    assert mesh.call("orders", "frontend", "GET", "/").status == 200
+
+
+def test_deny_policy_beats_allow(mesh: Mesh) -> None:
+    user = token(mesh, roles=["user"])
+    admin = token(mesh, roles=["user", "admin"])
+    assert mesh.call("orders", "frontend", "GET", "/admin", token=user).status == 403
+    assert mesh.call("orders", "frontend", "GET", "/admin", token=admin).status == 200
+
+
+def test_caller_cannot_spoof_identity_headers(mesh: Mesh) -> None:
+    forged = {
+        "x-extauthz-spiffe-id": "spiffe://demo.local/ns/shop/sa/payments",
+        "x-user": "admin",
+    }
+    r = mesh.call("orders", "frontend", "GET", "/", headers=forged)
+    assert r.status == 200
+    h = r.json()["headers"]
+    assert h["x-extauthz-spiffe-id"] == "spiffe://demo.local/ns/shop/sa/orders"
+    assert "x-user" not in h  # no token: extauthz sets no x-user, and strips the forged one
+
+
+@pytest.mark.parametrize("caller", [None, "rogue"], ids=["no-client-cert", "untrusted-ca"])
+def test_unauthenticated_connection_never_reaches_upstream(mesh: Mesh, caller: str | None) -> None:
+    upstream = mesh.services["frontend"].upstream
+    assert upstream is not None
+    before = upstream.hits
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        mesh.call(caller, "frontend", "GET", "/")
+    assert upstream.hits == before
+
+
+def test_envoy_counts_checks(mesh: Mesh) -> None:
+    envoy = mesh.services["payments"].envoy
+    assert envoy is not None
+    stats = envoy.admin_get("/stats?filter=ext_authz")
+    assert "http.inbound.ext_authz.denied:" in stats
+    assert "http.inbound.ext_authz.error: 0" in stats
+
+
+def test_extauthz_down_fails_closed(tmp_path: Path) -> None:
+    """Envoy with failure_mode_allow: false answers 503 while extauthz is away."""
+    with Mesh(tmp_path, workloads=("frontend",), clients=()) as m:
+        assert m.call("frontend", "frontend", "GET", "/").status == 200
+        assert m.stop_extauthz() == 0  # graceful SIGTERM exit
+        upstream = m.services["frontend"].upstream
+        assert upstream is not None
+        before = upstream.hits
+        assert m.call("frontend", "frontend", "GET", "/").status == 503
+        assert upstream.hits == before
