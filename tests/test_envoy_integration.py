@@ -92,7 +92,8 @@ def test_invalid_token_is_401(mesh: Mesh, make: object, reason: str) -> None:
     r = mesh.call("frontend", "orders", "GET", "/orders", token=make(mesh))  # type: ignore[operator]
     assert r.status == 401, r.body
     assert r.json()["reason"] == reason
-    assert r.headers["www-authenticate"].startswith('Bearer realm="extauthz", error="invalid_token"')
+    challenge = r.headers["www-authenticate"]
+    assert challenge.startswith('Bearer realm="extauthz", error="invalid_token"')
 
 
 def test_missing_token_is_left_to_policy(mesh: Mesh) -> None:
