@@ -43,22 +43,14 @@ class Authorizer:
 
     def refuse(self, exc: ExtAuthzError, decision_id: str = "") -> Decision:
         """The deny for an error: 401 for identity failures, 403 for everything else."""
-        decision_id = decision_id or new_decision_id()
-        if isinstance(exc, IdentityError):
-            return Decision(
-                Outcome.UNAUTHENTICATED,
-                exc.reason,
-                exc.message,
-                decision_id,
-                policy_revision=self._policies.revision,
-                client_headers=(_www_authenticate(exc.reason),),
-            )
+        identity = isinstance(exc, IdentityError)
         return Decision(
-            Outcome.PERMISSION_DENIED,
+            Outcome.UNAUTHENTICATED if identity else Outcome.PERMISSION_DENIED,
             exc.reason,
             exc.message,
-            decision_id,
+            decision_id or new_decision_id(),
             policy_revision=self._policies.revision,
+            client_headers=(_www_authenticate(exc.reason),) if identity else (),
         )
 
     def check(self, inp: CheckInput) -> Decision:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -97,6 +98,17 @@ _JWT_RULE_KEYS = (
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
 
 
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    """A resource's metadata, validated: what both resource compilers need."""
+
+    name: str
+    namespace: str | None
+    scope_namespace: str | None  # None: applies to every namespace (root or none)
+    annotations: Mapping[str, str]
+    line: int
+
+
 class _Ctx:
     """Where we are in a resource, to prefix every error."""
 
@@ -170,11 +182,10 @@ def compile_resource(
         spec.file, spec.line, spec.key_lines = file, node.line, {}
     # Policies in the root namespace, or with none at all, apply to every workload.
     scope_ns = None if namespace in (None, root_namespace) else namespace
+    resource = _Meta(name, namespace, scope_ns, annotations, node.line)
     if kind == "AuthorizationPolicy":
-        return _authorization_policy(ctx, spec, name, namespace, scope_ns, annotations, node.line)
-    return _request_authentication(
-        ctx, spec, name, namespace, scope_ns, annotations, node.line, base_dir
-    )
+        return _authorization_policy(ctx, spec, resource)
+    return _request_authentication(ctx, spec, resource, base_dir)
 
 
 def _scope(ctx: _Ctx, spec: Node, namespace: str | None) -> Scope:
@@ -198,15 +209,7 @@ def _scope(ctx: _Ctx, spec: Node, namespace: str | None) -> Scope:
     return Scope(namespace, MappingProxyType(dict(labels)) if labels else None)
 
 
-def _authorization_policy(
-    ctx: _Ctx,
-    spec: Any,
-    name: str,
-    namespace: str | None,
-    scope_ns: str | None,
-    annotations: Mapping[str, str],
-    line: int,
-) -> AuthorizationPolicy:
+def _authorization_policy(ctx: _Ctx, spec: Any, meta: _Meta) -> AuthorizationPolicy:
     spec = _check_keys(ctx, spec, "spec", _AUTHZ_SPEC_KEYS)
     action_name = spec.get("action", "ALLOW")
     if action_name == "CUSTOM" or "provider" in spec:
@@ -223,24 +226,24 @@ def _authorization_policy(
         raise ctx.error(
             spec, "spec.action", f"{action_name!r} is not one of ALLOW, DENY, AUDIT", "action"
         ) from None
-    dry_run = annotations.get(DRY_RUN_ANNOTATION, "false").lower()
+    dry_run = meta.annotations.get(DRY_RUN_ANNOTATION, "false").lower()
     if dry_run not in ("true", "false"):
         raise ctx.error(spec, f"metadata.annotations[{DRY_RUN_ANNOTATION}]", "must be true/false")
     rules_node = spec.get("rules") or []
     if not isinstance(rules_node, list):
         raise ctx.error(spec, "spec.rules", "must be a list", "rules")
     rules = tuple(
-        _rule(ctx, r, i, spec.line_of("rules"), namespace) for i, r in enumerate(rules_node)
+        _rule(ctx, r, i, spec.line_of("rules"), meta.namespace) for i, r in enumerate(rules_node)
     )
     return AuthorizationPolicy(
-        name=name,
-        namespace=namespace,
-        scope=_scope(ctx, spec, scope_ns),
+        name=meta.name,
+        namespace=meta.namespace,
+        scope=_scope(ctx, spec, meta.scope_namespace),
         action=action,
         rules=rules,
         dry_run=dry_run == "true",
         file=ctx.file,
-        line=line,
+        line=meta.line,
     )
 
 
@@ -489,19 +492,13 @@ def _condition(ctx: _Ctx, node: Any, path: str) -> FieldCheck:
 
 
 def _request_authentication(
-    ctx: _Ctx,
-    spec: Any,
-    name: str,
-    namespace: str | None,
-    scope_ns: str | None,
-    annotations: Mapping[str, str],
-    line: int,
-    base_dir: Path,
+    ctx: _Ctx, spec: Any, meta: _Meta, base_dir: Path
 ) -> RequestAuthentication:
     spec = _check_keys(ctx, spec, "spec", _AUTHN_SPEC_KEYS)
     algorithms = SUPPORTED_ALGORITHMS
-    if ALGORITHMS_ANNOTATION in annotations:
-        wanted = {a.strip() for a in annotations[ALGORITHMS_ANNOTATION].split(",") if a.strip()}
+    if ALGORITHMS_ANNOTATION in meta.annotations:
+        listed = meta.annotations[ALGORITHMS_ANNOTATION].split(",")
+        wanted = {a.strip() for a in listed if a.strip()}
         unknown = wanted - SUPPORTED_ALGORITHMS
         if unknown or not wanted:
             raise ctx.error(
@@ -522,7 +519,12 @@ def _request_authentication(
     if dup:
         raise ctx.error(spec, "spec.jwtRules", f"issuer(s) {sorted(dup)} listed twice", "jwtRules")
     return RequestAuthentication(
-        name, namespace, _scope(ctx, spec, scope_ns), providers, ctx.file, line
+        meta.name,
+        meta.namespace,
+        _scope(ctx, spec, meta.scope_namespace),
+        providers,
+        ctx.file,
+        meta.line,
     )
 
 
