@@ -44,7 +44,7 @@ MAX_TOKEN_BYTES = 64 * 1024
 
 _RSA = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
-_OKP = frozenset({"EdDSA", "Ed25519", "Ed448"})
+_OKP = frozenset({"EdDSA"})  # PyJWT's one name for Ed25519 and Ed448
 _HMAC = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = _RSA | frozenset(_EC_BY_CURVE.values()) | _OKP
 SUPPORTED_ALGORITHMS = ASYMMETRIC_ALGORITHMS | _HMAC
@@ -196,6 +196,11 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise TokenMalformedError("token segments are not base64url-encoded JSON") from exc
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise TokenMalformedError("token header and payload must be JSON objects")
+    for claim in ("exp", "nbf", "iat"):
+        value = payload.get(claim)
+        # PyJWT would coerce "123" to a number; Envoy's verifier refuses it, and so do we.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise TokenClaimsError(f"'{claim}' must be a number")
     return header, payload
 
 
@@ -206,6 +211,8 @@ _PYJWT_ERRORS: tuple[tuple[type[Exception], type[TokenError]], ...] = (
     (jwt.InvalidSignatureError, TokenSignatureError),
     (jwt.InvalidAlgorithmError, TokenAlgorithmError),
     (jwt.InvalidIssuedAtError, TokenClaimsError),
+    (jwt.exceptions.InvalidSubjectError, TokenClaimsError),
+    (jwt.exceptions.InvalidJTIError, TokenClaimsError),
     (jwt.MissingRequiredClaimError, TokenClaimsError),
     (jwt.InvalidIssuerError, TokenIssuerUnknownError),
     (jwt.DecodeError, TokenMalformedError),
@@ -253,7 +260,10 @@ class TokenVerifier:
         """The token the request carries, or None. Several different tokens are refused."""
         if not self.locations:
             return None
-        params = dict(parse_qsl(inp.query)) if self._reads_params and inp.query else {}
+        params: dict[str, list[str]] = {}
+        if self._reads_params and inp.query:
+            for name, value in parse_qsl(inp.query):
+                params.setdefault(name, []).append(value)
         cookies = _cookies(inp.headers.get("cookie", "")) if self._reads_cookies else {}
         found: tuple[str, TokenLocation] | None = None
         for loc in self.locations:
@@ -290,7 +300,8 @@ class TokenVerifier:
         kid = header.get("kid")
         candidates = [k for k in provider.keys if alg in k.algorithms]
         if kid is not None:
-            candidates = [k for k in candidates if k.kid == kid]
+            # As Envoy's jwt_verify_lib: a key without a kid may verify a token with one.
+            candidates = [k for k in candidates if k.kid is None or k.kid == kid]
         if not candidates:
             raise TokenKeyUnknownError(f"no {alg} key with kid {kid!r} for issuer {issuer!r}")
         claims = _decode(token, alg, candidates, provider)
@@ -342,10 +353,16 @@ def _cookies(header: str) -> dict[str, str]:
 
 
 def _extract(
-    loc: TokenLocation, inp: CheckInput, params: Mapping[str, str], cookies: Mapping[str, str]
+    loc: TokenLocation,
+    inp: CheckInput,
+    params: Mapping[str, list[str]],
+    cookies: Mapping[str, str],
 ) -> str:
     if loc.kind == "param":
-        return params.get(loc.name, "")
+        values = set(params.get(loc.name, ()))
+        if len(values) > 1:
+            raise TokenMultipleError(f"request repeats {loc.describe()} with different tokens")
+        return values.pop() if values else ""
     if loc.kind == "cookie":
         return cookies.get(loc.name, "")
     value = inp.headers.get(loc.name, "")

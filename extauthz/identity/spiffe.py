@@ -51,10 +51,20 @@ class SpiffeId:
 
 
 def _istio_parts(path: str) -> tuple[str, str]:
+    """Namespace and service account as Istio reads them from a SPIFFE path.
+
+    Istio matches namespaces with ``.*/ns/<ns>/.*`` and service accounts with
+    ``/ns/<ns>/(.+/|)sa/<sa>(/.+)?``, so ``/ns/a/sa/b/v2`` is namespace ``a``, account ``b``.
+    Reading less would let such a peer slip past a DENY on its namespace.
+    """
     parts = path.split("/")
-    # "/ns/<ns>/sa/<sa>" splits into ["", "ns", ns, "sa", sa]
-    if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
-        return parts[2], parts[4]
+    for i in range(1, len(parts) - 2):  # "ns" must be followed by a name and more path
+        if parts[i] == "ns":
+            namespace = parts[i + 1]
+            for j in range(i + 2, len(parts) - 1):
+                if parts[j] == "sa":
+                    return namespace, parts[j + 1]
+            return namespace, ""
     return "", ""
 
 

@@ -228,7 +228,12 @@ def _authorization_policy(ctx: _Ctx, spec: Any, meta: _Meta) -> AuthorizationPol
         ) from None
     dry_run = meta.annotations.get(DRY_RUN_ANNOTATION, "false").lower()
     if dry_run not in ("true", "false"):
-        raise ctx.error(spec, f"metadata.annotations[{DRY_RUN_ANNOTATION}]", "must be true/false")
+        raise ctx.error(
+            meta.annotations,
+            f"metadata.annotations[{DRY_RUN_ANNOTATION}]",
+            "must be true/false",
+            DRY_RUN_ANNOTATION,
+        )
     rules_node = spec.get("rules") or []
     if not isinstance(rules_node, list):
         raise ctx.error(spec, "spec.rules", "must be a list", "rules")
@@ -502,7 +507,7 @@ def _request_authentication(
         unknown = wanted - SUPPORTED_ALGORITHMS
         if unknown or not wanted:
             raise ctx.error(
-                spec,
+                meta.annotations,
                 f"metadata.annotations[{ALGORITHMS_ANNOTATION}]",
                 f"unsupported algorithm(s) {sorted(unknown)}; choose from "
                 f"{sorted(SUPPORTED_ALGORITHMS)}",
