@@ -10,6 +10,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# xds-protos ships a stale copy of opentelemetry/proto that breaks the OTLP exporters
+	# (grpc/grpc#42926); put the real opentelemetry-proto files back over it.
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $@
 
 install: $(STAMP)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,6 +40,21 @@ SPAN_NAME = "extauthz.check"
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
+OTLP_PROTO_FIX = "pip install --force-reinstall --no-deps opentelemetry-proto"
+
+
+def _check_otlp_protos() -> None:
+    """Fail fast if xds-protos overwrote opentelemetry-proto (grpc/grpc#42926)."""
+    try:
+        from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "the OTLP exporter cannot load: the opentelemetry-proto files were overwritten by "
+            "xds-protos' stale copy (grpc/grpc#42926). Run "
+            f"'{OTLP_PROTO_FIX}' (make install does), or set OTEL_TRACES_EXPORTER=none"
+        ) from None
+
+
 def _exporter(name: str) -> SpanExporter | None:
     if name == "none":
         return None
@@ -49,6 +65,7 @@ def _exporter(name: str) -> SpanExporter | None:
     protocol = os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     )
+    _check_otlp_protos()
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -80,7 +97,9 @@ class Telemetry:
         if not exporters and not extra:
             return cls(None)
         attrs = {} if "OTEL_SERVICE_NAME" in os.environ else {SERVICE_NAME: "extauthz"}
-        provider = TracerProvider(resource=Resource.create(attrs))
+        # shutdown_on_exit=False: our own shutdown() bounds the final flush; the SDK's atexit
+        # hook would wait out every retry against a dead collector.
+        provider = TracerProvider(resource=Resource.create(attrs), shutdown_on_exit=False)
         for exporter in exporters:
             provider.add_span_processor(BatchSpanProcessor(exporter))
         for processor in extra:
@@ -107,9 +126,21 @@ class Telemetry:
             span.set_status(Status(StatusCode.ERROR, decision.reason))
         span.end()
 
-    def shutdown(self) -> None:
-        if self.provider is not None:
-            self.provider.shutdown()
+    def shutdown(self, timeout: float = 3.0) -> bool:
+        """Flush and stop within ``timeout`` seconds; False if spans had to be dropped.
+
+        A dead collector makes the exporter retry for tens of seconds; exit must not wait for
+        it (a pod has 30 s between SIGTERM and SIGKILL, and draining checks comes first).
+        """
+        if self.provider is None:
+            return True
+        worker = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            log.warning("telemetry: collector unreachable, unexported spans dropped at shutdown")
+            return False
+        return True
 
 
 def _parent(metadata: Iterable[tuple[str, Any]]) -> Context | None:
