@@ -133,9 +133,7 @@ class Authorizer:
         token: VerifiedToken | None,
         decision_id: str,
     ) -> tuple[tuple[Header, ...], tuple[str, ...]]:
-        out: list[Header] = [(DECISION_ID_HEADER, decision_id)]
-        if peer is not None and peer.spiffe is not None:
-            out.append((self.settings.spiffe_id_header, peer.spiffe.uri))
+        out: list[Header] = []
         remove: list[str] = []
         if token is not None:
             provider = token.provider
@@ -147,6 +145,10 @@ class Authorizer:
                 out.append((provider.output_payload_to_header, token.payload_segment))
             if not provider.forward_original_token and token.location.kind == "header":
                 remove.append(token.location.name)
+        # Written last so that they win even if a claim header had the same name.
+        out.append((DECISION_ID_HEADER, decision_id))
+        if peer is not None and peer.spiffe is not None:
+            out.append((self.settings.spiffe_id_header, peer.spiffe.uri))
         # Strip every identity header a caller could have forged and we did not set.
         written = {k for k, _ in out}
         managed = workload.verifier.output_headers | {self.settings.spiffe_id_header}
@@ -174,9 +176,10 @@ def _remote_ip(inp: CheckInput, trusted_hops: int) -> str:
     if trusted_hops <= 0:
         return inp.source_ip
     xff = [a.strip() for a in inp.headers.get("x-forwarded-for", "").split(",") if a.strip()]
-    if not xff:
+    if len(xff) <= trusted_hops:
+        # Fewer entries than trusted proxies: nothing in XFF is trustworthy (Envoy's rule).
         return inp.source_ip
-    return xff[max(len(xff) - trusted_hops - 1, 0)]
+    return xff[-trusted_hops - 1]
 
 
 def _claim_header_value(claims: Mapping[str, Any], claim: str) -> str | None:
@@ -190,6 +193,10 @@ def _claim_header_value(claims: Mapping[str, Any], claim: str) -> str | None:
         return None
     if any(ch in _CONTROL for ch in text):
         return None  # CR/LF or NUL in a claim must never reach an upstream header
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None  # a lone surrogate ("\ud800") cannot go into a header at all
     return text
 
 

@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     policies = load_policies(settings)
     if settings.policies is None:
-        log.warning("no --policies: every authenticated request is allowed (Istio's default)")
+        log.warning("no --policies: every request is allowed and no token is checked")
     server = Server(
         Authorizer(policies, settings),
         Telemetry.from_env(),

@@ -132,12 +132,24 @@ def test_unauthenticated_connection_never_reaches_upstream(mesh: Mesh, caller: s
     assert upstream.hits == before
 
 
-def test_envoy_counts_checks(mesh: Mesh) -> None:
-    envoy = mesh.services["payments"].envoy
+def _counter(mesh: Mesh, workload: str, name: str) -> int:
+    envoy = mesh.services[workload].envoy
     assert envoy is not None
-    stats = envoy.admin_get("/stats?filter=ext_authz")
-    assert "http.inbound.ext_authz.denied:" in stats
-    assert "http.inbound.ext_authz.error: 0" in stats
+    for line in envoy.admin_get(f"/stats?filter=^http.inbound.ext_authz.{name}$").splitlines():
+        key, _, value = line.partition(": ")
+        if key == f"http.inbound.ext_authz.{name}":
+            return int(value)
+    raise AssertionError(f"no counter {name}")
+
+
+def test_envoy_counts_our_answers_as_ok_and_denied_never_error(mesh: Mesh) -> None:
+    before = {n: _counter(mesh, "payments", n) for n in ("ok", "denied", "error")}
+    assert mesh.call("frontend", "payments", "POST", "/payments/1").status == 403
+    assert mesh.call("orders", "payments", "POST", "/payments/1").status == 200
+    after = {n: _counter(mesh, "payments", n) for n in ("ok", "denied", "error")}
+    assert after["denied"] == before["denied"] + 1
+    assert after["ok"] == before["ok"] + 1
+    assert after["error"] == 0  # every answer was a CheckResponse, never an RPC failure
 
 
 def test_extauthz_down_fails_closed(tmp_path: Path) -> None:

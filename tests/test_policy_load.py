@@ -593,3 +593,37 @@ def test_shipped_policies_load() -> None:
     assert len(provider.keys) >= 1
     actions = {p.key: p.action for p in policies.authz}
     assert actions["shop/deny-admin"] is Action.DENY
+
+
+@pytest.mark.parametrize(
+    ("output", "fragment"),
+    [
+        ("outputClaimToHeaders: [{header: x-extauthz-spiffe-id, claim: sub}]", "reserved header"),
+        ("outputClaimToHeaders: [{header: X-Extauthz-Decision-Id, claim: sub}]", "reserved"),
+        ("outputClaimToHeaders: [{header: authorization, claim: sub}]", "reserved header"),
+        ("outputClaimToHeaders: [{header: host, claim: sub}]", "reserved header"),
+        (
+            "outputClaimToHeaders: [{header: x-user, claim: sub}, {header: X-User, claim: email}]",
+            "'x-user' is written twice",
+        ),
+        ("outputPayloadToHeader: x-extauthz-spiffe-id", "reserved header"),
+        ("outputPayloadToHeader: 'bad header'", "must be a header name"),
+    ],
+    ids=[
+        "spiffe-header",
+        "decision-header-any-case",
+        "authorization",
+        "host",
+        "twice",
+        "payload-reserved",
+        "payload-not-a-name",
+    ],
+)
+def test_output_headers_cannot_shadow_identity_headers(
+    tmp_path: Path, output: str, fragment: str
+) -> None:
+    """A claim must never be able to stand in for the verified SPIFFE ID (review finding)."""
+    write(tmp_path, "ra.yaml", RA_HEAD + f"    jwks: '{JWKS}'\n    {output}\n")
+    err = load_error(tmp_path)
+    assert "ra.yaml:10:" in err.message  # the output field's own line
+    assert fragment in err.message

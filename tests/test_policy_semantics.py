@@ -25,6 +25,7 @@ from extauthz.config import Settings
 from extauthz.decision import Decision, Outcome
 from extauthz.policy.engine import PolicySet
 from extauthz.request import CheckInput
+from extauthz.response import to_check_response
 
 ISS = "https://idp.test"
 PEER = "spiffe://cluster.local/ns/ns2/sa/client"
@@ -618,6 +619,56 @@ MATCHES: list[M] = [
     M("source-principal-no-peer", when("source.principal", ["*"]), False, peer=NO_PEER),
     M("source-service-account", when("source.serviceAccount", ["ns2/client"]), True),
     M("source-service-account-miss", when("source.serviceAccount", ["ns2/other"]), False),
+    # review findings: Istio reads namespaces/accounts with regexes over the whole principal
+    M(
+        "source-service-account-bare-name-is-policy-namespace",
+        when("source.serviceAccount", ["client"]),
+        True,
+        peer="spiffe://cluster.local/ns/ns1/sa/client",
+    ),
+    M(
+        "source-service-account-bare-name-other-namespace",
+        when("source.serviceAccount", ["client"]),
+        False,
+    ),
+    M(
+        "namespaces-any-occurrence",
+        src(namespaces=["evil"]),
+        True,
+        peer="spiffe://td/ns/good/sa/x/ns/evil/y",
+    ),
+    M(
+        "service-accounts-any-sa-segment",
+        src(serviceAccounts=["ns2/admin"]),
+        True,
+        peer="spiffe://td/ns/ns2/sa/x/sa/admin",
+    ),
+    M(
+        "source-namespace-glob",
+        when("source.namespace", ["team-*-prod"]),
+        True,
+        peer="spiffe://td/ns/team-a-prod/sa/x",
+    ),
+    M(
+        "source-namespace-glob-stays-in-segment",
+        when("source.namespace", ["team-*"]),
+        False,
+        peer="spiffe://td/nsx/team-a/prod/sa/x",
+    ),
+    M(
+        "remote-ip-xff-shorter-than-trusted-hops-uses-peer",
+        src(remoteIpBlocks=["192.0.2.0/24"]),
+        False,
+        headers={"x-forwarded-for": "192.0.2.1"},
+        hops=2,
+    ),
+    M(
+        "remote-ip-huge-xff-entry-is-no-address",
+        src(remoteIpBlocks=["0.0.0.0/0"]),
+        False,
+        headers={"x-forwarded-for": "1" * 50_000 + ", 10.0.0.1"},
+        hops=1,
+    ),
 ]
 
 
@@ -1107,18 +1158,29 @@ CLAIM_HEADERS = [
 ]
 
 
+def test_claim_that_cannot_be_encoded_is_not_copied(tmp_path: Path) -> None:
+    claims = token_for(sub="\ud800")  # a lone surrogate survives JSON but not UTF-8
+    docs = [authn(outputClaimToHeaders=[{"header": "x-user", "claim": "sub"}]), authz(rules=[{}])]
+    d = run(tmp_path, docs, request(claims=claims))
+    assert d.outcome is Outcome.ALLOW
+    assert "x-user" not in dict(d.upstream_headers)
+    assert "x-user" in d.remove_headers
+    to_check_response(d).SerializeToString()  # the edge can encode it
+
+
 def test_allow_headers_with_spiffe_peer_and_token(tmp_path: Path) -> None:
     claims = token_for(is_admin=True, evil="alice\r\nx-admin: true")
     docs = [authn(outputClaimToHeaders=CLAIM_HEADERS), authz(rules=[{}])]
     d = run(tmp_path, docs, request(claims=claims))
     assert_decision(d, Outcome.ALLOW, "allowed_by_policy", "ns1/p", "rules[0]")
+    # identity headers come last, so nothing written before them can shadow them
     assert d.upstream_headers == (
-        (DECISION_HEADER, d.decision_id),
-        (SPIFFE_HEADER, PEER),
         ("x-user", "alice"),
         ("x-tenant", "acme"),
         ("x-level", "5"),
         ("x-admin", "true"),
+        (DECISION_HEADER, d.decision_id),
+        (SPIFFE_HEADER, PEER),
     )
     assert all("\r" not in v and "\n" not in v for _, v in d.upstream_headers)
     # the token is not forwarded; claim headers that were not set cannot be spoofed

@@ -14,12 +14,21 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from extauthz.authorizer import Authorizer
+from extauthz.decision import Decision
 from extauthz.policy.engine import PolicySet, WorkloadPolicies
+from extauthz.request import CheckInput
 from extauthz.server import AUTHORIZATION_SERVICE, Server
 from extauthz.telemetry import SPAN_NAME, Telemetry
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
+
+
+class BrokenAuthorizer(Authorizer):
+    """Breaks the Authorizer's never-raise contract: the servicer's own net must hold."""
+
+    def check(self, inp: CheckInput) -> Decision:
+        raise RuntimeError("boom")
 
 
 class ExplodingPolicies(PolicySet):
@@ -136,7 +145,17 @@ async def test_unix_socket(tmp_path: Path) -> None:
         await server.stop()
 
 
-async def test_stop_reports_not_serving_then_closes() -> None:
+async def test_servicer_last_resort_when_the_authorizer_raises() -> None:
+    server = await _started(BrokenAuthorizer(PolicySet.empty()), Telemetry(None), "127.0.0.1:0")
+    try:
+        resp = await _check(f"127.0.0.1:{server.port}", check_request())
+    finally:
+        await server.stop()
+    assert resp.status.code == grpc.StatusCode.UNAVAILABLE.value[0]  # type: ignore[attr-defined]
+    assert resp.denied_response.status.code == 503  # type: ignore[attr-defined]
+
+
+async def test_stop_closes_the_port() -> None:
     server = await _started(Authorizer(PolicySet.empty()), Telemetry(None), "127.0.0.1:0")
     target = f"127.0.0.1:{server.port}"
     await server.stop()

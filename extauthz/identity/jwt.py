@@ -192,7 +192,8 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise TokenMalformedError("token is not a compact JWS (three dot-separated segments)")
     try:
         header, payload = _b64json(parts[0]), _b64json(parts[1])
-    except (ValueError, binascii.Error, UnicodeError) as exc:
+    except (ValueError, binascii.Error, UnicodeError, RecursionError) as exc:
+        # RecursionError: '[[[[...' nested past the JSON decoder's depth limit.
         raise TokenMalformedError("token segments are not base64url-encoded JSON") from exc
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise TokenMalformedError("token header and payload must be JSON objects")
@@ -332,7 +333,8 @@ def _decode(token: str, alg: str, keys: list[Jwk], provider: JwtProvider) -> dic
                 audience=provider.audiences or None,
                 issuer=provider.issuer,
                 leeway=CLOCK_SKEW_SECONDS,
-                options={"verify_aud": bool(provider.audiences)},
+                # iat is informational: Envoy's jwt_authn does not reject a future iat.
+                options={"verify_aud": bool(provider.audiences), "verify_iat": False},
             )
         except jwt.InvalidSignatureError as exc:
             last = _translate(exc)

@@ -28,10 +28,11 @@ from ..identity.jwt import (
 )
 from .match import (
     BadValue,
-    compile_globs,
     compile_ip_blocks,
+    compile_namespaces,
     compile_path_templates,
     compile_request_principals,
+    compile_service_accounts,
     compile_strings,
     is_path_template,
 )
@@ -96,6 +97,18 @@ _JWT_RULE_KEYS = (
     "timeout",
 )
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+RESERVED_HEADER_PREFIX = "x-extauthz-"  # extauthz's own identity headers
+_RESERVED_HEADERS = frozenset({"authorization", "host", "cookie", "x-forwarded-client-cert"})
+
+
+def _output_header(value: Any) -> str | None:
+    """A header a jwtRule may write, lower-cased; None if not a name or one that is reserved."""
+    if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value):
+        return None
+    name = value.lower()
+    if name.startswith(RESERVED_HEADER_PREFIX) or name in _RESERVED_HEADERS:
+        return None
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +281,9 @@ def _rule(ctx: _Ctx, node: Any, index: int, fallback_line: int, namespace: str |
     when = node.get("when") or []
     if not isinstance(when, list):
         raise ctx.error(node, f"{path}.when", "must be a list", "when")
-    conditions = tuple(_condition(ctx, c, f"{path}.when[{i}]") for i, c in enumerate(when))
+    conditions = tuple(
+        _condition(ctx, c, f"{path}.when[{i}]", namespace) for i, c in enumerate(when)
+    )
     return Rule(index, node.line, sources, operations, Clause(f"{path}.when", conditions))
 
 
@@ -322,11 +337,11 @@ def _source_field(name: str, values: list[str], namespace: str | None) -> Test:
         rp = compile_request_principals(values)
         return _negate(lambda a: rp(a.request_principal), negate)
     if base == "namespaces":
-        ns = compile_globs(values)
-        return _negate(lambda a: ns(a.source_namespace), negate)
+        ns = compile_namespaces(values)
+        return _negate(lambda a: ns(a.principal), negate)
     if base == "serviceAccounts":
-        accounts = frozenset(_service_account(v, namespace) for v in values)
-        return _negate(lambda a: a.service_account in accounts, negate)
+        sas = compile_service_accounts([_service_account(v, namespace) for v in values])
+        return _negate(lambda a: sas(a.principal), negate)
     principals = compile_strings(values)
     return _negate(lambda a: principals(a.principal), negate)
 
@@ -389,8 +404,24 @@ def _claim_strings(value: Any, *, split: bool = False) -> tuple[str, ...]:
     return ()
 
 
-def _condition_getter(key: str) -> Callable[[list[str]], Callable[[Attributes], bool]]:
-    """The matcher factory for one ``when`` key."""
+def _condition_getter(
+    key: str, namespace: str | None
+) -> Callable[[list[str]], Callable[[Attributes], bool]]:
+    """The matcher factory for one ``when`` key (``namespace``: the policy's own)."""
+    if key == "source.namespace":
+
+        def ns_factory(vals: list[str]) -> Callable[[Attributes], bool]:
+            m = compile_namespaces(vals)
+            return lambda a: m(a.principal)
+
+        return ns_factory
+    if key == "source.serviceAccount":
+
+        def sa_factory(vals: list[str]) -> Callable[[Attributes], bool]:
+            m = compile_service_accounts([_service_account(v, namespace) for v in vals])
+            return lambda a: m(a.principal)
+
+        return sa_factory
     if key.startswith("request.headers[") and key.endswith("]"):
         header = key[len("request.headers[") : -1].lower()
         if not _HEADER_NAME.fullmatch(header):
@@ -417,8 +448,6 @@ def _condition_getter(key: str) -> Callable[[list[str]], Callable[[Attributes], 
         return claims_factory
     simple: dict[str, Callable[[Attributes], str | None]] = {
         "source.principal": lambda a: a.principal,
-        "source.namespace": lambda a: a.source_namespace,
-        "source.serviceAccount": lambda a: a.service_account,
         "request.auth.presenter": lambda a: (a.token.presenter or None) if a.token else None,
         "destination.port": lambda a: a.port,
         "connection.sni": lambda a: a.inp.sni or None,
@@ -471,7 +500,7 @@ def _port_test(
     return lambda a: get(a) in ports
 
 
-def _condition(ctx: _Ctx, node: Any, path: str) -> FieldCheck:
+def _condition(ctx: _Ctx, node: Any, path: str, namespace: str | None) -> FieldCheck:
     node = _check_keys(ctx, node, path, _CONDITION_KEYS)
     key = node.get("key")
     if not isinstance(key, str) or not key:
@@ -479,7 +508,7 @@ def _condition(ctx: _Ctx, node: Any, path: str) -> FieldCheck:
     if "values" not in node and "notValues" not in node:
         raise ctx.error(node, path, "needs values or notValues")
     try:
-        factory = _condition_getter(key)
+        factory = _condition_getter(key, namespace)
         tests: list[Test] = []
         if "values" in node:
             tests.append(factory(_string_list(ctx, node, "values", path)))
@@ -566,11 +595,16 @@ def _jwt_rule(
     forward = node.get("forwardOriginalToken", False)
     if not isinstance(forward, bool):
         raise ctx.error(node, f"{path}.forwardOriginalToken", "must be true or false")
-    payload_header = node.get("outputPayloadToHeader", "")
-    if payload_header and (
-        not isinstance(payload_header, str) or not _HEADER_NAME.fullmatch(payload_header)
-    ):
-        raise ctx.error(node, f"{path}.outputPayloadToHeader", "must be a header name")
+    payload_header = ""
+    if "outputPayloadToHeader" in node:
+        payload_header = _output_header(node["outputPayloadToHeader"]) or ""
+        if not payload_header:
+            raise ctx.error(
+                node,
+                f"{path}.outputPayloadToHeader",
+                f"must be a header name, not {RESERVED_HEADER_PREFIX}* or a reserved header",
+                "outputPayloadToHeader",
+            )
     return JwtProvider(
         issuer=issuer,
         audiences=audiences,
@@ -578,7 +612,7 @@ def _jwt_rule(
         locations=_locations(ctx, node, path),
         algorithms=algorithms,
         output_claim_to_headers=_claim_headers(ctx, node, path),
-        output_payload_to_header=str(payload_header).lower(),
+        output_payload_to_header=payload_header,
         forward_original_token=forward,
         source=where,
     )
@@ -637,10 +671,17 @@ def _claim_headers(ctx: _Ctx, node: Node, path: str) -> tuple[ClaimToHeader, ...
     for i, item in enumerate(items):
         p = f"{path}.outputClaimToHeaders[{i}]"
         item = _check_keys(ctx, item, p, ("header", "claim"))
-        header, claim = item.get("header"), item.get("claim")
-        if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
-            raise ctx.error(item, f"{p}.header", "must be a header name")
+        header, claim = _output_header(item.get("header")), item.get("claim")
+        if header is None:
+            raise ctx.error(
+                item,
+                f"{p}.header",
+                f"must be a header name, not {RESERVED_HEADER_PREFIX}* or a reserved header",
+                "header",
+            )
+        if any(h.header == header for h in out):
+            raise ctx.error(item, f"{p}.header", f"{header!r} is written twice", "header")
         if not isinstance(claim, str) or not claim:
-            raise ctx.error(item, f"{p}.claim", "must be a claim name")
-        out.append(ClaimToHeader(header.lower(), claim))
+            raise ctx.error(item, f"{p}.claim", "must be a claim name", "claim")
+        out.append(ClaimToHeader(header, claim))
     return tuple(out)

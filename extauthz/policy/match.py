@@ -83,18 +83,37 @@ def compile_strings(
 
 
 @dataclass(frozen=True, slots=True)
-class GlobMatcher:
-    """Istio's ``namespaces``: ``*`` may stand anywhere in the value."""
+class PrincipalRegexMatcher:
+    """Istio's namespace / service-account matching: a regex over the whole peer principal.
+
+    Istio matches ``namespaces`` as ``.*/ns/<ns>/.*`` and ``serviceAccounts`` as
+    ``.+/ns/<ns>/(.+/|)sa/<sa>(/.+)?`` against the principal, so any occurrence counts; a
+    narrower reading would let ``td/ns/good/sa/x/ns/evil/y`` past a DENY on ``evil``.
+    """
 
     pattern: re.Pattern[str]
 
-    def __call__(self, value: str | None) -> bool:
-        return bool(value) and self.pattern.fullmatch(value or "") is not None
+    def __call__(self, principal: str | None) -> bool:
+        return principal is not None and self.pattern.fullmatch(principal) is not None
 
 
-def compile_globs(values: Sequence[str]) -> GlobMatcher:
-    alternatives = (".+" if v == "*" else ".*".join(map(re.escape, v.split("*"))) for v in values)
-    return GlobMatcher(re.compile("|".join(f"(?:{a})" for a in alternatives)))
+def _glob(value: str) -> str:
+    """A namespace value: ``*`` stands for any run of characters within one segment."""
+    return "[^/]+" if value == "*" else "[^/]*".join(map(re.escape, value.split("*")))
+
+
+def compile_namespaces(values: Sequence[str]) -> PrincipalRegexMatcher:
+    alternatives = "|".join(f"(?:{_glob(v)})" for v in values)
+    return PrincipalRegexMatcher(re.compile(f".*/ns/(?:{alternatives})/.*"))
+
+
+def compile_service_accounts(accounts: Sequence[str]) -> PrincipalRegexMatcher:
+    """``accounts`` as ``<ns>/<sa>``, already resolved against the policy's namespace."""
+    alternatives = []
+    for account in accounts:
+        ns, sa = account.split("/")
+        alternatives.append(f"(?:.+/ns/{re.escape(ns)}/(?:.+/|)sa/{re.escape(sa)}(?:/.+)?)")
+    return PrincipalRegexMatcher(re.compile("|".join(alternatives)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,11 +177,20 @@ def compile_ip_blocks(values: Sequence[str]) -> IPMatcher:
     return IPMatcher(tuple(nets))
 
 
-@lru_cache(maxsize=4096)
+_MAX_IP_TEXT = 45  # the longest textual IPv6 address (with an embedded IPv4)
+
+
 def parse_ip(value: str) -> IPAddress | None:
     """An address from Envoy (or XFF); None when absent or not an IP (e.g. a Unix socket)."""
+    value = value.strip()
+    # XFF entries are caller-chosen: never let them grow the cache beyond address size.
+    return _parse_ip(value) if len(value) <= _MAX_IP_TEXT else None
+
+
+@lru_cache(maxsize=4096)
+def _parse_ip(value: str) -> IPAddress | None:
     try:
-        return ipaddress.ip_address(value.strip())
+        return ipaddress.ip_address(value)
     except ValueError:
         return None
 

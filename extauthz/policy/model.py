@@ -51,16 +51,6 @@ class Attributes:
         return self.inp.headers
 
     @cached_property
-    def source_namespace(self) -> str | None:
-        return (self.peer.namespace or None) if self.peer else None
-
-    @cached_property
-    def service_account(self) -> str | None:
-        if self.peer is None or not self.peer.service_account:
-            return None
-        return f"{self.peer.namespace}/{self.peer.service_account}"
-
-    @cached_property
     def request_principal(self) -> tuple[str, str] | None:
         return (self.token.issuer, self.token.subject) if self.token else None
 
