@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -103,15 +104,19 @@ async def test_invalid_request_is_answered_with_a_deny(served: tuple[Server, str
     assert resp.denied_response.status.code == 403  # type: ignore[attr-defined]
 
 
-async def test_internal_error_is_a_503_deny_not_an_rpc_error(spans: InMemorySpanExporter) -> None:
-    telemetry = Telemetry.from_env(extra=[SimpleSpanProcessor(spans)])
-    server = await _started(
-        Authorizer(ExplodingPolicies((), (), PolicySet.empty().source)), telemetry, "127.0.0.1:0"
-    )
+async def _answer_once(authorizer: Authorizer, telemetry: Telemetry) -> Any:
+    """Start a server with ``authorizer``, send one Check, stop it."""
+    server = await _started(authorizer, telemetry, "127.0.0.1:0")
     try:
-        resp = await _check(f"127.0.0.1:{server.port}", check_request())
+        return await _check(f"127.0.0.1:{server.port}", check_request())
     finally:
         await server.stop()
+
+
+async def test_internal_error_is_a_503_deny_not_an_rpc_error(spans: InMemorySpanExporter) -> None:
+    telemetry = Telemetry.from_env(extra=[SimpleSpanProcessor(spans)])
+    policies = ExplodingPolicies((), (), PolicySet.empty().source)
+    resp = await _answer_once(Authorizer(policies), telemetry)
     assert resp.status.code == grpc.StatusCode.UNAVAILABLE.value[0]  # type: ignore[attr-defined]
     assert resp.denied_response.status.code == 503  # type: ignore[attr-defined]
     assert b"boom" not in resp.denied_response.body.encode()  # type: ignore[attr-defined]
@@ -146,11 +151,7 @@ async def test_unix_socket(tmp_path: Path) -> None:
 
 
 async def test_servicer_last_resort_when_the_authorizer_raises() -> None:
-    server = await _started(BrokenAuthorizer(PolicySet.empty()), Telemetry(None), "127.0.0.1:0")
-    try:
-        resp = await _check(f"127.0.0.1:{server.port}", check_request())
-    finally:
-        await server.stop()
+    resp = await _answer_once(BrokenAuthorizer(PolicySet.empty()), Telemetry(None))
     assert resp.status.code == grpc.StatusCode.UNAVAILABLE.value[0]  # type: ignore[attr-defined]
     assert resp.denied_response.status.code == 503  # type: ignore[attr-defined]
 
