@@ -15,7 +15,7 @@ from .decision import Decision, Header, Outcome, new_decision_id
 from .errors import ExtAuthzError, IdentityError, SpiffeIdError
 from .identity import peer as peer_identity
 from .identity import spiffe
-from .identity.jwt import VerifiedToken, claim_value
+from .identity.jwt import ClaimToHeader, VerifiedToken, claim_value
 from .policy.engine import PolicySet, WorkloadPolicies
 from .policy.model import Attributes
 from .request import CheckInput
@@ -87,7 +87,6 @@ class Authorizer:
         token = None if _is_cors_preflight(inp) else workload.verifier.verify(inp)
         attrs = Attributes(
             inp,
-            peer=peer.spiffe if peer else None,
             principal=peer.principal if peer else None,
             token=token,
             remote_ip=_remote_ip(inp, self.settings.xff_trusted_hops),
@@ -138,7 +137,7 @@ class Authorizer:
         if token is not None:
             provider = token.provider
             for item in provider.output_claim_to_headers:
-                value = _claim_header_value(token.claims, item.claim)
+                value = _claim_header_value(token.claims, item)
                 if value is not None:
                     out.append((item.header, value))
             if provider.output_payload_to_header:
@@ -182,9 +181,9 @@ def _remote_ip(inp: CheckInput, trusted_hops: int) -> str:
     return xff[-trusted_hops - 1]
 
 
-def _claim_header_value(claims: Mapping[str, Any], claim: str) -> str | None:
+def _claim_header_value(claims: Mapping[str, Any], claim: ClaimToHeader) -> str | None:
     """A string/int/bool claim as a header value; None if absent, another type or unsafe."""
-    value = claims[claim] if claim in claims else claim_value(claims, claim.split("."))
+    value = claims[claim.name] if claim.name in claims else claim_value(claims, claim.path)
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, int | str):

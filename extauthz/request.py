@@ -46,11 +46,6 @@ class CheckInput:
     sni: str = ""
     context_extensions: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
-    @property
-    def raw_path(self) -> str:
-        """The path as Envoy sent it, query included."""
-        return f"{self.path}?{self.query}" if self.query else self.path
-
 
 def split_path(raw: str) -> tuple[str, str]:
     """Split Envoy's ``path`` attribute into path and query (a fragment never reaches us)."""

@@ -237,10 +237,6 @@ class EnvoyProcess:
         """GET an admin endpoint, e.g. ``/stats?filter=ext_authz``; non-2xx raises."""
         return self._admin("GET", path, timeout)
 
-    def admin_post(self, path: str, *, timeout: float = 5.0) -> str:
-        """POST an admin endpoint; Envoy requires POST for mutations like ``/logging``."""
-        return self._admin("POST", path, timeout)
-
     def log_tail(self, lines: int = 40) -> str:
         """Last ``lines`` lines of Envoy's combined stdout/stderr."""
         try:

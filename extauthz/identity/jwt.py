@@ -130,8 +130,12 @@ def compile_jwks(text: str, *, source: str) -> tuple[Jwk, ...]:
 
 @dataclass(frozen=True, slots=True)
 class ClaimToHeader:
+    """Claim ``name`` copied into ``header``. ``path`` is ``name`` split on ``.`` at load: a
+    nested claim, used when no top-level claim carries the dotted name itself."""
+
     header: str
-    claim: str
+    name: str
+    path: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -683,5 +683,5 @@ def _claim_headers(ctx: _Ctx, node: Node, path: str) -> tuple[ClaimToHeader, ...
             raise ctx.error(item, f"{p}.header", f"{header!r} is written twice", "header")
         if not isinstance(claim, str) or not claim:
             raise ctx.error(item, f"{p}.claim", "must be a claim name", "claim")
-        out.append(ClaimToHeader(header, claim))
+        out.append(ClaimToHeader(header, claim, tuple(claim.split("."))))
     return tuple(out)

@@ -45,9 +45,6 @@ class Verdict:
     dry_run: Verdict | None = None
 
 
-ALLOW_NO_POLICY = Verdict(True, "no_allow_policy")
-
-
 def _first(policies: Iterable[AuthorizationPolicy], attrs: Attributes) -> tuple[str, Rule] | None:
     for p in policies:
         rule = p.first_match(attrs)

@@ -13,7 +13,6 @@ from functools import cached_property
 from typing import Any
 
 from ..identity.jwt import JwtProvider, VerifiedToken
-from ..identity.spiffe import SpiffeId
 from ..request import CheckInput
 from .match import IPAddress, parse_ip
 
@@ -35,13 +34,11 @@ class Attributes:
         self,
         inp: CheckInput,
         *,
-        peer: SpiffeId | None,
         principal: str | None,
         token: VerifiedToken | None,
         remote_ip: str,
     ) -> None:
         self.inp = inp
-        self.peer = peer
         self.principal = principal
         self.token = token
         self._remote_ip = remote_ip
@@ -96,9 +93,6 @@ class Clause:
 
     def holds(self, attrs: Attributes) -> bool:
         return all(c.test(attrs) for c in self.checks)
-
-    def first_failure(self, attrs: Attributes) -> FieldCheck | None:
-        return next((c for c in self.checks if not c.test(attrs)), None)
 
 
 @dataclass(frozen=True, slots=True)
