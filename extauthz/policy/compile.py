@@ -274,10 +274,8 @@ def _rule(ctx: _Ctx, node: Any, index: int, fallback_line: int, namespace: str |
         node = Node()
         node.file, node.line, node.key_lines = ctx.file, fallback_line, {}
     node = _check_keys(ctx, node, path, _RULE_KEYS)
-    sources = _entries(ctx, node, "from", "source", _SOURCE_FIELDS, _source_field, path, namespace)
-    operations = _entries(
-        ctx, node, "to", "operation", _OPERATION_FIELDS, _operation_field, path, namespace
-    )
+    sources = _entries(ctx, node, "from", "source", _SOURCE_FIELDS, path, namespace)
+    operations = _entries(ctx, node, "to", "operation", _OPERATION_FIELDS, path, namespace)
     when = node.get("when") or []
     if not isinstance(when, list):
         raise ctx.error(node, f"{path}.when", "must be a list", "when")
@@ -293,7 +291,6 @@ def _entries(
     key: str,
     inner: str,
     fields: Sequence[str],
-    compile_field: Callable[[str, list[str], str | None], Test],
     rule_path: str,
     namespace: str | None,
 ) -> tuple[Clause, ...]:
@@ -312,7 +309,7 @@ def _entries(
         for name in body:
             values = _string_list(ctx, body, name, body_path)
             try:
-                test = compile_field(name, values, namespace)
+                test = _field(name, values, namespace)
             except BadValue as exc:
                 raise ctx.error(body, f"{body_path}.{name}", str(exc), name) from None
             checks.append(FieldCheck(f"{body_path}.{name}", body.line_of(name), test))
@@ -324,26 +321,48 @@ def _negate(test: Test, negate: bool) -> Test:
     return (lambda a: not test(a)) if negate else test
 
 
-def _source_field(name: str, values: list[str], namespace: str | None) -> Test:
-    negate = name.startswith("not")
-    base = name[3].lower() + name[4:] if negate else name
-    if base == "ipBlocks":
-        ips = compile_ip_blocks(values)
-        return _negate(lambda a: ips(a.source_ip), negate)
-    if base == "remoteIpBlocks":
-        rips = compile_ip_blocks(values)
-        return _negate(lambda a: rips(a.remote_ip), negate)
-    if base == "requestPrincipals":
-        rp = compile_request_principals(values)
-        return _negate(lambda a: rp(a.request_principal), negate)
-    if base == "namespaces":
-        ns = compile_namespaces(values)
-        return _negate(lambda a: ns(a.principal), negate)
-    if base == "serviceAccounts":
-        sas = compile_service_accounts([_service_account(v, namespace) for v in values])
-        return _negate(lambda a: sas(a.principal), negate)
-    principals = compile_strings(values)
-    return _negate(lambda a: principals(a.principal), negate)
+# --- attributes: one compiler serves a from/to field and the same when key --------------
+
+# values (and the policy's namespace) -> a test of the request
+Compiler = Callable[[list[str], str | None], Test]
+Matcher = Callable[[Any], bool]
+
+
+def _on(get: Callable[[Attributes], Any], make: Callable[[list[str]], Matcher]) -> Compiler:
+    """Compile ``values`` with ``make`` once; test the attribute ``get`` reads per request."""
+
+    def compile_(values: list[str], namespace: str | None) -> Test:
+        match = make(values)
+        return lambda a: match(get(a))
+
+    return compile_
+
+
+def _any(make: Callable[[list[str]], Matcher]) -> Callable[[list[str]], Matcher]:
+    """For list-valued attributes (audiences, list claims): any element may match."""
+
+    def build(values: list[str]) -> Matcher:
+        match = make(values)
+        return lambda items: any(match(v) for v in items)
+
+    return build
+
+
+def _ports(values: list[str]) -> Matcher:
+    for v in values:
+        if not v.isdigit() or not 0 < int(v) < 65536:
+            raise BadValue(f"{v!r} is not a port number")
+    ports = frozenset(str(int(v)) for v in values)
+    return lambda port: port in ports
+
+
+def _paths(values: list[str]) -> Matcher:
+    strings = compile_strings([v for v in values if not is_path_template(v)])
+    templates = [v for v in values if is_path_template(v)]
+    if not templates:
+        return strings
+    tmpl = compile_path_templates(templates)
+    return lambda path: strings(path) or tmpl(path)
 
 
 def _service_account(value: str, namespace: str | None) -> str:
@@ -357,33 +376,66 @@ def _service_account(value: str, namespace: str | None) -> str:
     return f"{namespace}/{value}"
 
 
-def _operation_field(name: str, values: list[str], namespace: str | None) -> Test:
+def _service_accounts(values: list[str], namespace: str | None) -> Test:
+    match = compile_service_accounts([_service_account(v, namespace) for v in values])
+    return lambda a: match(a.principal)
+
+
+def _exists(values: list[str]) -> Matcher:
+    # Hosts, methods and headers: Istio's "*" only asks that the header exist.
+    return compile_strings(values, star_matches_empty=True)
+
+
+_PRINCIPAL = _on(lambda a: a.principal, compile_strings)
+_REQUEST_PRINCIPAL = _on(lambda a: a.request_principal, compile_request_principals)
+_NAMESPACE = _on(lambda a: a.principal, compile_namespaces)
+_SOURCE_IP = _on(lambda a: a.source_ip, compile_ip_blocks)
+_REMOTE_IP = _on(lambda a: a.remote_ip, compile_ip_blocks)
+_PORT = _on(lambda a: a.port, _ports)
+
+_FIELDS: dict[str, Compiler] = {
+    "principals": _PRINCIPAL,
+    "requestPrincipals": _REQUEST_PRINCIPAL,
+    "namespaces": _NAMESPACE,
+    "serviceAccounts": _service_accounts,
+    "ipBlocks": _SOURCE_IP,
+    "remoteIpBlocks": _REMOTE_IP,
+    # Case-insensitive against the whole :authority; Istio does not strip the port, so
+    # "example.com" does not match "example.com:8080" (write "example.com:*" too).
+    "hosts": _on(
+        lambda a: a.inp.host,
+        lambda v: compile_strings(v, fold_case=True, star_matches_empty=True),
+    ),
+    "ports": _PORT,
+    "methods": _on(lambda a: a.inp.method, _exists),
+    "paths": _on(lambda a: a.inp.path, _paths),
+}
+
+_CONDITIONS: dict[str, Compiler] = {
+    "source.principal": _PRINCIPAL,
+    "source.namespace": _NAMESPACE,
+    "source.serviceAccount": _service_accounts,
+    "source.ip": _SOURCE_IP,
+    "remote.ip": _REMOTE_IP,
+    "destination.ip": _on(lambda a: a.destination_ip, compile_ip_blocks),
+    "destination.port": _PORT,
+    "request.auth.principal": _REQUEST_PRINCIPAL,
+    "request.auth.presenter": _on(
+        lambda a: (a.token.presenter or None) if a.token else None, compile_strings
+    ),
+    "request.auth.audiences": _on(
+        lambda a: a.token.audiences if a.token else (), _any(compile_strings)
+    ),
+    "connection.sni": _on(lambda a: a.inp.sni or None, compile_strings),
+}
+
+
+def _field(name: str, values: list[str], namespace: str | None) -> Test:
+    """A source or operation field; ``notX`` is the negation of ``x``."""
     negate = name.startswith("not")
     base = name[3].lower() + name[4:] if negate else name
-    if base == "hosts":
-        # Case-insensitive against the whole :authority; Istio does not strip the port, so
-        # "example.com" does not match "example.com:8080" (write "example.com:*" too).
-        hosts = compile_strings(values, fold_case=True, star_matches_empty=True)
-        return _negate(lambda a: hosts(a.inp.host), negate)
-    if base == "ports":
-        for v in values:
-            if not v.isdigit() or not 0 < int(v) < 65536:
-                raise BadValue(f"{v!r} is not a port number")
-        ports = frozenset(str(int(v)) for v in values)
-        return _negate(lambda a: a.port in ports, negate)
-    if base == "methods":
-        methods = compile_strings(values, star_matches_empty=True)
-        return _negate(lambda a: methods(a.inp.method), negate)
-    plain = [v for v in values if not is_path_template(v)]
-    templates = [v for v in values if is_path_template(v)]
-    strings = compile_strings(plain)
-    if not templates:
-        return _negate(lambda a: strings(a.inp.path), negate)
-    tmpl = compile_path_templates(templates)
-    return _negate(lambda a: strings(a.inp.path) or tmpl(a.inp.path), negate)
+    return _negate(_FIELDS[base](values, namespace), negate)
 
-
-# --- when conditions --------------------------------------------------------------------
 
 _CLAIM_STEP = re.compile(r"\[([^\[\]]+)\]")
 
@@ -404,100 +456,28 @@ def _claim_strings(value: Any, *, split: bool = False) -> tuple[str, ...]:
     return ()
 
 
-def _condition_getter(
-    key: str, namespace: str | None
-) -> Callable[[list[str]], Callable[[Attributes], bool]]:
-    """The matcher factory for one ``when`` key (``namespace``: the policy's own)."""
-    if key == "source.namespace":
-
-        def ns_factory(vals: list[str]) -> Callable[[Attributes], bool]:
-            m = compile_namespaces(vals)
-            return lambda a: m(a.principal)
-
-        return ns_factory
-    if key == "source.serviceAccount":
-
-        def sa_factory(vals: list[str]) -> Callable[[Attributes], bool]:
-            m = compile_service_accounts([_service_account(v, namespace) for v in vals])
-            return lambda a: m(a.principal)
-
-        return sa_factory
+def _condition_compiler(key: str) -> Compiler:
+    """The compiler of one ``when`` key; the bracketed keys are parsed here, at load."""
+    if key in _CONDITIONS:
+        return _CONDITIONS[key]
     if key.startswith("request.headers[") and key.endswith("]"):
         header = key[len("request.headers[") : -1].lower()
         if not _HEADER_NAME.fullmatch(header):
             raise BadValue(f"{key!r}: not a valid header name")
-        return lambda vals: _str_test(
-            compile_strings(vals, star_matches_empty=True), lambda a: a.headers.get(header)
-        )
+        return _on(lambda a: a.headers.get(header), _exists)
     if key.startswith("request.auth.claims"):
         steps = _claim_path(key)
         # Istio splits these space-delimited OAuth claims into lists before matching.
         split = steps in (("scope",), ("permission",))
 
-        def claims_factory(vals: list[str]) -> Callable[[Attributes], bool]:
-            m = compile_strings(vals)
+        def claim(a: Attributes) -> tuple[str, ...]:
+            claims = a.claims
+            return () if claims is None else _claim_strings(claim_value(claims, steps), split=split)
 
-            def test(a: Attributes) -> bool:
-                claims = a.claims
-                if claims is None:
-                    return False
-                return m.any(_claim_strings(claim_value(claims, steps), split=split))
-
-            return test
-
-        return claims_factory
-    simple: dict[str, Callable[[Attributes], str | None]] = {
-        "source.principal": lambda a: a.principal,
-        "request.auth.presenter": lambda a: (a.token.presenter or None) if a.token else None,
-        "destination.port": lambda a: a.port,
-        "connection.sni": lambda a: a.inp.sni or None,
-    }
-    if key in simple:
-        get = simple[key]
-        if key == "destination.port":
-            return lambda vals: _port_test(vals, get)
-        return lambda vals: _str_test(compile_strings(vals), get)
-    if key == "request.auth.principal":
-
-        def rp_factory(vals: list[str]) -> Callable[[Attributes], bool]:
-            m = compile_request_principals(vals)
-            return lambda a: m(a.request_principal)
-
-        return rp_factory
-    if key == "request.auth.audiences":
-
-        def aud_factory(vals: list[str]) -> Callable[[Attributes], bool]:
-            m = compile_strings(vals)
-            return lambda a: a.token is not None and m.any(a.token.audiences)
-
-        return aud_factory
-    ip_getters: dict[str, Callable[[Attributes], Any]] = {
-        "source.ip": lambda a: a.source_ip,
-        "remote.ip": lambda a: a.remote_ip,
-        "destination.ip": lambda a: a.destination_ip,
-    }
-    if key in ip_getters:
-        get_ip = ip_getters[key]
-        return lambda vals: (lambda m: lambda a: m(get_ip(a)))(compile_ip_blocks(vals))
+        return _on(claim, _any(compile_strings))
     if key.startswith("experimental."):
         raise BadValue(f"{key!r}: experimental Envoy filter-state keys are not supported")
     raise BadValue(f"unknown condition key {key!r}")
-
-
-def _str_test(
-    m: Callable[[str | None], bool], get: Callable[[Attributes], str | None]
-) -> Callable[[Attributes], bool]:
-    return lambda a: m(get(a))
-
-
-def _port_test(
-    vals: list[str], get: Callable[[Attributes], str | None]
-) -> Callable[[Attributes], bool]:
-    for v in vals:
-        if not v.isdigit():
-            raise BadValue(f"{v!r} is not a port number")
-    ports = frozenset(str(int(v)) for v in vals)
-    return lambda a: get(a) in ports
 
 
 def _condition(ctx: _Ctx, node: Any, path: str, namespace: str | None) -> FieldCheck:
@@ -508,12 +488,13 @@ def _condition(ctx: _Ctx, node: Any, path: str, namespace: str | None) -> FieldC
     if "values" not in node and "notValues" not in node:
         raise ctx.error(node, path, "needs values or notValues")
     try:
-        factory = _condition_getter(key, namespace)
+        compile_ = _condition_compiler(key)
         tests: list[Test] = []
         if "values" in node:
-            tests.append(factory(_string_list(ctx, node, "values", path)))
+            tests.append(compile_(_string_list(ctx, node, "values", path), namespace))
         if "notValues" in node:
-            tests.append(_negate(factory(_string_list(ctx, node, "notValues", path)), True))
+            not_values = _string_list(ctx, node, "notValues", path)
+            tests.append(_negate(compile_(not_values, namespace), True))
     except BadValue as exc:
         raise ctx.error(node, path, str(exc), "key") from None
     if len(tests) == 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -46,9 +46,6 @@ class StringMatcher:
             or (bool(self.prefixes) and value.startswith(self.prefixes))
             or (bool(self.suffixes) and value.endswith(self.suffixes))
         )
-
-    def any(self, values: Iterable[str]) -> bool:
-        return any(self(v) for v in values)
 
 
 def compile_strings(
