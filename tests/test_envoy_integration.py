@@ -162,3 +162,16 @@ def test_extauthz_down_fails_closed(tmp_path: Path) -> None:
         before = upstream.hits
         assert m.call("frontend", "frontend", "GET", "/").status == 503
         assert upstream.hits == before
+
+
+def test_envoy_reaches_extauthz_over_a_unix_socket(tmp_path: Path) -> None:
+    """The documented `--listen unix:/path` + Envoy `pipe` address, end to end."""
+    with Mesh(tmp_path, workloads=("frontend",), clients=(), unix_socket=True) as m:
+        assert m.extauthz_target.startswith("unix:")
+        allowed = m.call("frontend", "frontend", "GET", "/")
+        assert allowed.status == 200
+        assert allowed.json()["headers"]["x-extauthz-spiffe-id"].endswith("/sa/frontend")
+        assert m.call("frontend", "frontend", "POST", "/").status == 403
+        envoy = m.services["frontend"].envoy
+        assert envoy is not None
+        assert "http.inbound.ext_authz.error: 0" in envoy.admin_get("/stats?filter=ext_authz")

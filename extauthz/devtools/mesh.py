@@ -65,6 +65,7 @@ class Mesh:
     clients: Sequence[str] = ("intruder",)
     env: Mapping[str, str] = field(default_factory=dict)
     extauthz_args: Sequence[str] = ()
+    unix_socket: bool = False  # Envoy reaches extauthz over a Unix socket instead of TCP
     idp: DevIdP = field(default_factory=lambda: DevIdP.create(ISSUER))
     services: dict[str, Workload] = field(default_factory=dict)
     extauthz_port: int = 0
@@ -111,6 +112,13 @@ class Mesh:
         for name in self.workloads:
             self._start_workload(name)
 
+    @property
+    def extauthz_target(self) -> str:
+        """Where extauthz listens, as ``--listen`` and gRPC clients spell it."""
+        if self.unix_socket:
+            return f"unix:{self.workdir / 'extauthz.sock'}"
+        return f"127.0.0.1:{self.extauthz_port}"
+
     def _start_extauthz(self) -> None:
         self.extauthz_port = free_port()
         env = {**os.environ, "OTEL_TRACES_EXPORTER": "none", **self.env}
@@ -122,7 +130,7 @@ class Mesh:
                 "extauthz",
                 "serve",
                 "--listen",
-                f"127.0.0.1:{self.extauthz_port}",
+                self.extauthz_target,
                 "--policies",
                 str(self.policy_dir),
                 *self.extauthz_args,
@@ -132,7 +140,7 @@ class Mesh:
             env=env,
         )
         log.close()
-        wait_serving(f"127.0.0.1:{self.extauthz_port}", self._extauthz, self.extauthz_log)
+        wait_serving(self.extauthz_target, self._extauthz, self.extauthz_log)
 
     def _start_workload(self, name: str) -> None:
         upstream = EchoServer(name).start()
@@ -141,7 +149,8 @@ class Mesh:
             SIDECAR_TEMPLATE,
             listen_port=port,
             admin_port=admin,
-            extauthz_port=self.extauthz_port,
+            extauthz_port=None if self.unix_socket else self.extauthz_port,
+            extauthz_unix=str(self.workdir / "extauthz.sock") if self.unix_socket else None,
             upstream_port=upstream.port,
             certs={
                 "ca": self._certs["ca"],
