@@ -30,20 +30,10 @@ from extauthz.request import from_check_request
 from extauthz.response import to_check_response
 
 
-def _request(principal: str, app: str, method: str, path: str, token: str | None) -> bytes:
-    req = external_auth_pb2.CheckRequest()
-    a = req.attributes
-    a.source.principal = f"spiffe://demo.local/ns/shop/sa/{principal}"
-    a.source.address.socket_address.address = "10.1.2.3"
-    a.source.address.socket_address.port_value = 41234
-    a.destination.address.socket_address.address = "10.1.2.4"
-    a.destination.address.socket_address.port_value = 8443
-    a.context_extensions["namespace"] = "shop"
-    a.context_extensions["labels"] = f"app={app}"
-    http = a.request.http
-    http.method, http.host, http.path, http.protocol = method, f"{app}.shop", path, "HTTP/1.1"
-    headers = {
-        ":authority": f"{app}.shop",
+def browser_headers(authority: str, method: str, path: str) -> dict[str, str]:
+    """The 20 headers a browser request carries through Envoy (shared by the benchmarks)."""
+    return {
+        ":authority": authority,
         ":method": method,
         ":path": path,
         ":scheme": "https",
@@ -63,6 +53,21 @@ def _request(principal: str, app: str, method: str, path: str, token: str | None
         "origin": "https://shop.example",
         "referer": "https://shop.example/cart",
     }
+
+
+def _request(principal: str, app: str, method: str, path: str, token: str | None) -> bytes:
+    req = external_auth_pb2.CheckRequest()
+    a = req.attributes
+    a.source.principal = f"spiffe://demo.local/ns/shop/sa/{principal}"
+    a.source.address.socket_address.address = "10.1.2.3"
+    a.source.address.socket_address.port_value = 41234
+    a.destination.address.socket_address.address = "10.1.2.4"
+    a.destination.address.socket_address.port_value = 8443
+    a.context_extensions["namespace"] = "shop"
+    a.context_extensions["labels"] = f"app={app}"
+    http = a.request.http
+    http.method, http.host, http.path, http.protocol = method, f"{app}.shop", path, "HTTP/1.1"
+    headers = browser_headers(f"{app}.shop", method, path)
     if token:
         headers["authorization"] = f"Bearer {token}"
     http.headers.update(headers)
