@@ -24,11 +24,22 @@ Header = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
+class DenyResponse:
+    """A policy's own answer to a denied caller, replacing the default 403 JSON body."""
+
+    status: int
+    headers: tuple[Header, ...]
+    body: str
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """One authorization decision and everything it asks Envoy to do.
 
     ``upstream_headers``/``remove_headers`` apply on allow (to the request going upstream);
-    ``client_headers`` go to the caller on deny (e.g. ``www-authenticate``).
+    ``client_headers`` go to the caller on deny (e.g. ``www-authenticate``);
+    ``deny_response``, set by an ``extauthz.io`` policy, replaces the default deny status/body.
     """
 
     outcome: Outcome
@@ -48,6 +59,7 @@ class Decision:
     upstream_headers: tuple[Header, ...] = ()
     remove_headers: tuple[str, ...] = ()
     client_headers: tuple[Header, ...] = ()
+    deny_response: DenyResponse | None = None
 
     @property
     def allowed(self) -> bool:

@@ -66,14 +66,16 @@ def to_check_response(decision: Decision) -> Any:
         )
         return external_auth_pb2.CheckResponse(status=status, ok_response=ok)
     status.message = decision.reason
+    custom = decision.deny_response
     headers = [
-        _header("content-type", "application/json"),
+        _header("content-type", custom.content_type if custom else "application/json"),
         _header(DECISION_ID_HEADER, decision.decision_id),
         *(_header(k, v) for k, v in decision.client_headers),
+        *(_header(k, v) for k, v in (custom.headers if custom else ())),
     ]
     denied = external_auth_pb2.DeniedHttpResponse(
-        status=http_status_pb2.HttpStatus(code=row.http_status),
+        status=http_status_pb2.HttpStatus(code=custom.status if custom else row.http_status),
         headers=headers,
-        body=deny_body(decision),
+        body=custom.body if custom else deny_body(decision),
     )
     return external_auth_pb2.CheckResponse(status=status, denied_response=denied)

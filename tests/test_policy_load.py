@@ -238,10 +238,37 @@ BROKEN: list[tuple[str, str, int, str]] = [
         "spec.action: 'REJECT' is not one of ALLOW, DENY, AUDIT",
     ),
     (
-        "target-refs-unsupported",
+        "target-refs-gateway-without-group",
         HEAD + "spec:\n  targetRefs: [{kind: Gateway, name: gw}]\n",
         7,
-        "spec.targetRefs: targetRefs (Gateway API / Service) are not supported yet",
+        "spec.targetRefs[0].kind: Gateway is not a target extauthz can identify",
+    ),
+    (
+        "target-refs-gateway-class",
+        HEAD
+        + "spec:\n  targetRefs:\n  - {group: gateway.networking.k8s.io, kind: GatewayClass,"
+        + " name: gw}\n",
+        8,
+        "GatewayClass is not a target",
+    ),
+    (
+        "target-refs-and-selector",
+        HEAD
+        + "spec:\n  selector: {matchLabels: {a: b}}\n  targetRefs: [{kind: Service, name: s}]\n",
+        7,
+        "spec.selector: set selector or targetRefs, not both",
+    ),
+    (
+        "target-refs-other-namespace",
+        HEAD + "spec:\n  targetRefs: [{kind: Service, name: s, namespace: other}]\n",
+        7,
+        "spec.targetRefs[0].namespace: must be the policy's own namespace",
+    ),
+    (
+        "target-refs-empty",
+        HEAD + "spec:\n  targetRefs: []\n",
+        7,
+        "spec.targetRefs: must be a non-empty list",
     ),
     (
         "missing-metadata-name",
@@ -582,6 +609,7 @@ def test_shipped_policies_load() -> None:
         "shop/frontend",
         "shop/orders",
         "shop/payments",
+        "shop/payments-limits",
     ]
     assert [r.key for r in policies.authn] == ["istio-system/demo-idp"]
     assert policies.source.warnings == ()

@@ -325,6 +325,36 @@ class TokenVerifier:
             payload_segment=token.split(".", 2)[1],
         )
 
+    def assume(self, claims: Mapping[str, Any]) -> VerifiedToken:
+        """Claims taken as verified (``extauthz check``, policy tests), never from a request.
+
+        The issuer must be one of this workload's providers and the audiences must fit, as
+        for a real token; the signature and the clock are what is skipped.
+        """
+        issuer = claims.get("iss")
+        provider = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
+        if provider is None:
+            raise TokenIssuerUnknownError(
+                f"issuer {issuer!r} is not trusted by a RequestAuthentication of this workload"
+            )
+        audiences = _string_list(claims.get("aud"))
+        if provider.audiences and not provider.audiences.intersection(audiences):
+            raise TokenAudienceError(f"audience {list(audiences)} is not accepted")
+        subject, azp = claims.get("sub", ""), claims.get("azp", "")
+        if not isinstance(subject, str) or not isinstance(azp, str):
+            raise TokenClaimsError("'sub' and 'azp' must be strings")
+        payload = json.dumps(dict(claims), separators=(",", ":")).encode()
+        return VerifiedToken(
+            issuer=provider.issuer,
+            subject=subject,
+            audiences=audiences,
+            presenter=azp,
+            claims=MappingProxyType(dict(claims)),
+            provider=provider,
+            location=provider.locations[0],
+            payload_segment=base64.urlsafe_b64encode(payload).rstrip(b"=").decode(),
+        )
+
 
 def _decode(token: str, alg: str, keys: list[Jwk], provider: JwtProvider) -> dict[str, Any]:
     last: TokenError = TokenSignatureError("signature verification failed")

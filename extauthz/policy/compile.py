@@ -8,15 +8,17 @@ a field name is an error (with a suggestion), never silently ignored, because an
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from ..errors import JwksError, PolicyError
+from ..decision import DenyResponse, Header
+from ..errors import JwksError, PolicyError, PolicySetError
 from ..identity.jwt import (
     DEFAULT_LOCATIONS,
     SUPPORTED_ALGORITHMS,
@@ -26,6 +28,7 @@ from ..identity.jwt import (
     claim_value,
     compile_jwks,
 )
+from .cel import compile_cel
 from .match import (
     BadValue,
     compile_ip_blocks,
@@ -42,20 +45,32 @@ from .model import (
     AuthorizationPolicy,
     Clause,
     FieldCheck,
+    Getter,
     RequestAuthentication,
     Rule,
     Scope,
+    Target,
     Test,
 )
 from .source import Node
 
 API_GROUP = "security.istio.io"
 API_VERSIONS = frozenset({f"{API_GROUP}/v1", f"{API_GROUP}/v1beta1"})
+# Istio's AuthorizationPolicy plus extauthz's extensions (CEL, deny responses, allow headers).
+# A separate group so that Istio never applies, or rejects, a resource it does not understand.
+EXTENSION_API = "extauthz.io/v1alpha1"
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
 ALGORITHMS_ANNOTATION = "extauthz.io/jwt-algorithms"
 
 _RESOURCE_KEYS = ("apiVersion", "kind", "metadata", "spec", "status")
 _AUTHZ_SPEC_KEYS = ("selector", "targetRef", "targetRefs", "action", "provider", "rules")
+_EXT_SPEC_KEYS = (*_AUTHZ_SPEC_KEYS, "denyResponse")
+_EXT_RULE_KEYS = ("from", "to", "when", "headers")
+_DENY_RESPONSE_KEYS = ("status", "headers", "body")
+# envoy.type.v3.StatusCode at or above 300: Envoy refuses any other code in a deny.
+_DENY_STATUSES = frozenset(
+    [*range(300, 306), 307, 308, *range(400, 418), 421, 422, 423, 424, 426, 428, 429, 431]
+) | frozenset([*range(500, 509), 510, 511])
 _AUTHN_SPEC_KEYS = ("selector", "targetRef", "targetRefs", "jwtRules")
 _RULE_KEYS = ("from", "to", "when")
 _SOURCE_FIELDS = (
@@ -96,6 +111,7 @@ _JWT_RULE_KEYS = (
     "outputClaimToHeaders",
     "timeout",
 )
+T = TypeVar("T")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
 RESERVED_HEADER_PREFIX = "x-extauthz-"  # extauthz's own identity headers
 _RESERVED_HEADERS = frozenset({"authorization", "host", "cookie", "x-forwarded-client-cert"})
@@ -128,6 +144,9 @@ class _Ctx:
     def __init__(self, file: str, resource: str) -> None:
         self.file = file
         self.resource = resource
+        self.extended = False  # an extauthz.io resource: extension fields are allowed
+        self.action = Action.ALLOW
+        self.reads: list[Path] = []  # files besides the policy file (jwksUri), for reload
 
     def error(self, node: Any, path: str, message: str, key: str | None = None) -> PolicyError:
         line = 0
@@ -161,10 +180,20 @@ def _string_list(ctx: _Ctx, node: Node, key: str, path: str) -> list[str]:
 
 
 def compile_resource(
-    body: Any, *, file: str, root_namespace: str, base_dir: Path
+    body: Any,
+    *,
+    file: str,
+    root_namespace: str,
+    base_dir: Path,
+    reads: list[Path] | None = None,
 ) -> AuthorizationPolicy | RequestAuthentication | str:
-    """Compile one YAML document. Returns a warning string for resources extauthz ignores."""
+    """Compile one YAML document. Returns a warning string for resources extauthz ignores.
+
+    Other files the resource reads (``jwksUri``) are appended to ``reads``.
+    """
     ctx = _Ctx(file, "resource")
+    if reads is not None:
+        ctx.reads = reads
     node = _check_keys(ctx, body, "", _RESOURCE_KEYS)
     api, kind = node.get("apiVersion"), node.get("kind")
     if not isinstance(api, str) or not isinstance(kind, str):
@@ -182,12 +211,20 @@ def compile_resource(
     ):
         raise ctx.error(meta, "metadata.annotations", "must map strings to strings")
     ctx.resource = f"{kind} {namespace + '/' if namespace else ''}{name}"
-    if api.split("/")[0] != API_GROUP or kind not in (
-        "AuthorizationPolicy",
-        "RequestAuthentication",
-    ):
+    group = api.split("/")[0]
+    if group == EXTENSION_API.split("/")[0]:
+        if api != EXTENSION_API or kind != "AuthorizationPolicy":
+            raise ctx.error(
+                node,
+                "apiVersion",
+                f"{api} {kind}: extauthz.io extends only AuthorizationPolicy, as "
+                f"{EXTENSION_API}; write RequestAuthentication as {API_GROUP}/v1",
+                "apiVersion",
+            )
+        ctx.extended = True
+    elif group != API_GROUP or kind not in ("AuthorizationPolicy", "RequestAuthentication"):
         return f"{file}:{node.line}: ignoring {api} {kind} {name!r} (not enforced by extauthz)"
-    if api not in API_VERSIONS:
+    elif api not in API_VERSIONS:
         raise ctx.error(node, "apiVersion", f"unsupported version {api!r}", "apiVersion")
     spec = node.get("spec")
     if spec is None:
@@ -201,15 +238,63 @@ def compile_resource(
     return _request_authentication(ctx, spec, resource, base_dir)
 
 
-def _scope(ctx: _Ctx, spec: Node, namespace: str | None) -> Scope:
-    for key in ("targetRef", "targetRefs"):
-        if key in spec:
+# (group, kind) Istio accepts in targetRefs -> the target kind a route names it by
+_TARGET_KINDS = {
+    ("", "Service"): "Service",
+    ("core", "Service"): "Service",
+    ("networking.istio.io", "ServiceEntry"): "Service",
+    ("gateway.networking.k8s.io", "Gateway"): "Gateway",
+}
+
+
+def _targets(ctx: _Ctx, spec: Node, meta: _Meta) -> frozenset[Target]:
+    refs: list[tuple[str, Any]] = []
+    if "targetRef" in spec:  # deprecated singular form
+        refs.append(("spec.targetRef", spec["targetRef"]))
+    if "targetRefs" in spec:
+        items = spec["targetRefs"]
+        if not isinstance(items, list) or not items:
+            raise ctx.error(spec, "spec.targetRefs", "must be a non-empty list", "targetRefs")
+        refs.extend((f"spec.targetRefs[{i}]", r) for i, r in enumerate(items))
+    if meta.scope_namespace is None:
+        raise ctx.error(
+            spec,
+            "spec.targetRefs",
+            "a policy in the root namespace (or without one) cannot have targetRefs; "
+            "GatewayClass targets are not supported",
+            "targetRefs" if "targetRefs" in spec else "targetRef",
+        )
+    out: set[Target] = set()
+    for path, ref in refs:
+        node = _check_keys(ctx, ref, path, ("group", "kind", "name", "namespace"))
+        group, kind, name = node.get("group", ""), node.get("kind"), node.get("name")
+        mapped = _TARGET_KINDS.get((str(group), str(kind)))
+        if mapped is None:
             raise ctx.error(
-                spec,
-                f"spec.{key}",
-                "targetRefs (Gateway API / Service) are not supported yet; use selector",
-                key,
+                node,
+                f"{path}.kind",
+                f"{group + '/' if group else ''}{kind} is not a target extauthz can identify; "
+                "use Service, networking.istio.io ServiceEntry or "
+                "gateway.networking.k8s.io Gateway",
+                "kind",
             )
+        if not isinstance(name, str) or not name:
+            raise ctx.error(node, f"{path}.name", "is required", "name")
+        if node.get("namespace", meta.namespace) != meta.namespace:
+            raise ctx.error(
+                node, f"{path}.namespace", "must be the policy's own namespace", "namespace"
+            )
+        out.add((mapped, name))
+    return frozenset(out)
+
+
+def _scope(ctx: _Ctx, spec: Node, meta: _Meta) -> Scope:
+    namespace = meta.scope_namespace
+    has_targets = "targetRef" in spec or "targetRefs" in spec
+    if has_targets and "selector" in spec:
+        raise ctx.error(spec, "spec.selector", "set selector or targetRefs, not both", "selector")
+    if has_targets:
+        return Scope(namespace, None, _targets(ctx, spec, meta))
     selector = spec.get("selector")
     if selector is None:
         return Scope(namespace, None)
@@ -223,7 +308,7 @@ def _scope(ctx: _Ctx, spec: Node, namespace: str | None) -> Scope:
 
 
 def _authorization_policy(ctx: _Ctx, spec: Any, meta: _Meta) -> AuthorizationPolicy:
-    spec = _check_keys(ctx, spec, "spec", _AUTHZ_SPEC_KEYS)
+    spec = _check_keys(ctx, spec, "spec", _EXT_SPEC_KEYS if ctx.extended else _AUTHZ_SPEC_KEYS)
     action_name = spec.get("action", "ALLOW")
     if action_name == "CUSTOM" or "provider" in spec:
         raise ctx.error(
@@ -239,6 +324,7 @@ def _authorization_policy(ctx: _Ctx, spec: Any, meta: _Meta) -> AuthorizationPol
         raise ctx.error(
             spec, "spec.action", f"{action_name!r} is not one of ALLOW, DENY, AUDIT", "action"
         ) from None
+    ctx.action = action
     dry_run = meta.annotations.get(DRY_RUN_ANNOTATION, "false").lower()
     if dry_run not in ("true", "false"):
         raise ctx.error(
@@ -250,19 +336,80 @@ def _authorization_policy(ctx: _Ctx, spec: Any, meta: _Meta) -> AuthorizationPol
     rules_node = spec.get("rules") or []
     if not isinstance(rules_node, list):
         raise ctx.error(spec, "spec.rules", "must be a list", "rules")
-    rules = tuple(
-        _rule(ctx, r, i, spec.line_of("rules"), meta.namespace) for i, r in enumerate(rules_node)
-    )
+    line = spec.line_of("rules")
+    rules = _each(rules_node, lambda i, r: _rule(ctx, r, i, line, meta.namespace))
     return AuthorizationPolicy(
         name=meta.name,
         namespace=meta.namespace,
-        scope=_scope(ctx, spec, meta.scope_namespace),
+        scope=_scope(ctx, spec, meta),
         action=action,
         rules=rules,
         dry_run=dry_run == "true",
         file=ctx.file,
         line=meta.line,
+        deny_response=_deny_response(ctx, spec) if "denyResponse" in spec else None,
     )
+
+
+def _each(items: list[Any], build: Callable[[int, Any], T]) -> tuple[T, ...]:
+    """Build every item, collecting the errors of all of them (one rule's typo must not hide
+    the next one's), then raise them together."""
+    out: list[T] = []
+    errors: list[PolicyError] = []
+    for i, item in enumerate(items):
+        try:
+            out.append(build(i, item))
+        except PolicyError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise PolicySetError(errors)
+    return tuple(out)
+
+
+def _header_values(ctx: _Ctx, node: Node, key: str, path: str) -> tuple[Header, ...]:
+    """A ``{name: value}`` map of headers extauthz may set (none of its own or reserved)."""
+    items = node[key]
+    if not isinstance(items, Mapping) or not items:
+        raise ctx.error(node, f"{path}.{key}", "must be a non-empty map of header: value", key)
+    out: list[Header] = []
+    for name, value in items.items():
+        header = _output_header(name)
+        if header is None:
+            raise ctx.error(
+                items,
+                f"{path}.{key}[{name}]",
+                f"must be a header name, not {RESERVED_HEADER_PREFIX}* or a reserved header",
+                name,
+            )
+        if not isinstance(value, str) or not value.isprintable():
+            raise ctx.error(items, f"{path}.{key}[{name}]", "must be a printable string", name)
+        out.append((header, value))
+    return tuple(out)
+
+
+def _deny_response(ctx: _Ctx, spec: Node) -> DenyResponse:
+    if ctx.action is Action.AUDIT:
+        raise ctx.error(spec, "spec.denyResponse", "an AUDIT policy never denies", "denyResponse")
+    node = _check_keys(ctx, spec["denyResponse"], "spec.denyResponse", _DENY_RESPONSE_KEYS)
+    status = node.get("status", 403)
+    if isinstance(status, bool) or status not in _DENY_STATUSES:
+        raise ctx.error(
+            node,
+            "spec.denyResponse.status",
+            f"{status!r} is not an HTTP status Envoy can send on deny (3xx, 4xx or 5xx)",
+            "status",
+        )
+    headers = _header_values(ctx, node, "headers", "spec.denyResponse") if "headers" in node else ()
+    body = node.get("body", "")
+    if isinstance(body, str):
+        content_type = "text/plain"
+    elif isinstance(body, Mapping | list):
+        body, content_type = json.dumps(body, separators=(",", ":")), "application/json"
+    else:
+        raise ctx.error(node, "spec.denyResponse.body", "must be a string, map or list", "body")
+    return DenyResponse(status, headers, body, content_type)
 
 
 # --- rules ------------------------------------------------------------------------------
@@ -273,16 +420,23 @@ def _rule(ctx: _Ctx, node: Any, index: int, fallback_line: int, namespace: str |
     if node is None:
         node = Node()
         node.file, node.line, node.key_lines = ctx.file, fallback_line, {}
-    node = _check_keys(ctx, node, path, _RULE_KEYS)
+    node = _check_keys(ctx, node, path, _EXT_RULE_KEYS if ctx.extended else _RULE_KEYS)
+    headers: tuple[Header, ...] = ()
+    if "headers" in node:
+        if ctx.action is not Action.ALLOW:
+            raise ctx.error(node, f"{path}.headers", "only an ALLOW rule adds headers", "headers")
+        headers = _header_values(ctx, node, "headers", path)
     sources = _entries(ctx, node, "from", "source", _SOURCE_FIELDS, path, namespace)
     operations = _entries(ctx, node, "to", "operation", _OPERATION_FIELDS, path, namespace)
     when = node.get("when") or []
     if not isinstance(when, list):
         raise ctx.error(node, f"{path}.when", "must be a list", "when")
     conditions = tuple(
-        _condition(ctx, c, f"{path}.when[{i}]", namespace) for i, c in enumerate(when)
+        check
+        for i, c in enumerate(when)
+        for check in _condition(ctx, c, f"{path}.when[{i}]", namespace)
     )
-    return Rule(index, node.line, sources, operations, Clause(f"{path}.when", conditions))
+    return Rule(index, node.line, sources, operations, Clause(f"{path}.when", conditions), headers)
 
 
 def _entries(
@@ -308,11 +462,23 @@ def _entries(
         checks: list[FieldCheck] = []
         for name in body:
             values = _string_list(ctx, body, name, body_path)
+            negate = name.startswith("not")
+            base = name[3].lower() + name[4:] if negate else name
             try:
-                test = _field(name, values, namespace)
+                test, get = _FIELDS[base](values, namespace)
             except BadValue as exc:
                 raise ctx.error(body, f"{body_path}.{name}", str(exc), name) from None
-            checks.append(FieldCheck(f"{body_path}.{name}", body.line_of(name), test))
+            checks.append(
+                FieldCheck(
+                    f"{body_path}.{name}",
+                    body.line_of(name),
+                    _negate(test, negate),
+                    base,
+                    tuple(values),
+                    negate,
+                    get,
+                )
+            )
         clauses.append(Clause(body_path, tuple(checks)))
     return tuple(clauses)
 
@@ -323,17 +489,17 @@ def _negate(test: Test, negate: bool) -> Test:
 
 # --- attributes: one compiler serves a from/to field and the same when key --------------
 
-# values (and the policy's namespace) -> a test of the request
-Compiler = Callable[[list[str], str | None], Test]
+# values (and the policy's namespace) -> a test of the request and the value it reads
+Compiler = Callable[[list[str], str | None], tuple[Test, Getter]]
 Matcher = Callable[[Any], bool]
 
 
-def _on(get: Callable[[Attributes], Any], make: Callable[[list[str]], Matcher]) -> Compiler:
+def _on(get: Getter, make: Callable[[list[str]], Matcher]) -> Compiler:
     """Compile ``values`` with ``make`` once; test the attribute ``get`` reads per request."""
 
-    def compile_(values: list[str], namespace: str | None) -> Test:
+    def compile_(values: list[str], namespace: str | None) -> tuple[Test, Getter]:
         match = make(values)
-        return lambda a: match(get(a))
+        return (lambda a: match(get(a))), get
 
     return compile_
 
@@ -376,9 +542,13 @@ def _service_account(value: str, namespace: str | None) -> str:
     return f"{namespace}/{value}"
 
 
-def _service_accounts(values: list[str], namespace: str | None) -> Test:
+def _principal(a: Attributes) -> str | None:
+    return a.principal
+
+
+def _service_accounts(values: list[str], namespace: str | None) -> tuple[Test, Getter]:
     match = compile_service_accounts([_service_account(v, namespace) for v in values])
-    return lambda a: match(a.principal)
+    return (lambda a: match(a.principal)), _principal
 
 
 def _exists(values: list[str]) -> Matcher:
@@ -386,9 +556,9 @@ def _exists(values: list[str]) -> Matcher:
     return compile_strings(values, star_matches_empty=True)
 
 
-_PRINCIPAL = _on(lambda a: a.principal, compile_strings)
+_PRINCIPAL = _on(_principal, compile_strings)
 _REQUEST_PRINCIPAL = _on(lambda a: a.request_principal, compile_request_principals)
-_NAMESPACE = _on(lambda a: a.principal, compile_namespaces)
+_NAMESPACE = _on(_principal, compile_namespaces)
 _SOURCE_IP = _on(lambda a: a.source_ip, compile_ip_blocks)
 _REMOTE_IP = _on(lambda a: a.remote_ip, compile_ip_blocks)
 _PORT = _on(lambda a: a.port, _ports)
@@ -428,13 +598,6 @@ _CONDITIONS: dict[str, Compiler] = {
     ),
     "connection.sni": _on(lambda a: a.inp.sni or None, compile_strings),
 }
-
-
-def _field(name: str, values: list[str], namespace: str | None) -> Test:
-    """A source or operation field; ``notX`` is the negation of ``x``."""
-    negate = name.startswith("not")
-    base = name[3].lower() + name[4:] if negate else name
-    return _negate(_FIELDS[base](values, namespace), negate)
 
 
 _CLAIM_STEP = re.compile(r"\[([^\[\]]+)\]")
@@ -480,27 +643,51 @@ def _condition_compiler(key: str) -> Compiler:
     raise BadValue(f"unknown condition key {key!r}")
 
 
-def _condition(ctx: _Ctx, node: Any, path: str, namespace: str | None) -> FieldCheck:
+def _condition(ctx: _Ctx, node: Any, path: str, namespace: str | None) -> list[FieldCheck]:
+    """One ``when`` entry; ``values`` and ``notValues`` become two AND'ed checks."""
+    if ctx.extended and isinstance(node, Node) and "cel" in node:
+        return [_cel_condition(ctx, node, path)]
     node = _check_keys(ctx, node, path, _CONDITION_KEYS)
     key = node.get("key")
     if not isinstance(key, str) or not key:
         raise ctx.error(node, f"{path}.key", "is required")
     if "values" not in node and "notValues" not in node:
         raise ctx.error(node, path, "needs values or notValues")
+    checks: list[FieldCheck] = []
     try:
         compile_ = _condition_compiler(key)
-        tests: list[Test] = []
-        if "values" in node:
-            tests.append(compile_(_string_list(ctx, node, "values", path), namespace))
-        if "notValues" in node:
-            not_values = _string_list(ctx, node, "notValues", path)
-            tests.append(_negate(compile_(not_values, namespace), True))
+        for field, negate in (("values", False), ("notValues", True)):
+            if field in node:
+                values = _string_list(ctx, node, field, path)
+                test, get = compile_(values, namespace)
+                checks.append(
+                    FieldCheck(
+                        f"{path}[{key}].{field}",
+                        node.line_of(field),
+                        _negate(test, negate),
+                        key,
+                        tuple(values),
+                        negate,
+                        get,
+                    )
+                )
     except BadValue as exc:
         raise ctx.error(node, path, str(exc), "key") from None
-    if len(tests) == 1:
-        return FieldCheck(f"{path}[{key}]", node.line, tests[0])
-    first, second = tests
-    return FieldCheck(f"{path}[{key}]", node.line, lambda a: first(a) and second(a))
+    return checks
+
+
+def _cel_condition(ctx: _Ctx, node: Node, path: str) -> FieldCheck:
+    _check_keys(ctx, node, path, ("cel",))
+    expr = node["cel"]
+    if not isinstance(expr, str) or not expr.strip():
+        raise ctx.error(node, f"{path}.cel", "must be a CEL expression string", "cel")
+    try:
+        # An error at request time (a missing claim, a type mismatch) must fail closed: it
+        # makes a DENY rule match and an ALLOW rule not match.
+        test = compile_cel(expr, on_error=ctx.action is Action.DENY)
+    except BadValue as exc:
+        raise ctx.error(node, f"{path}.cel", str(exc), "cel") from None
+    return FieldCheck(f"{path}.cel", node.line_of("cel"), test, "cel", (expr,), get=test.explain)
 
 
 # --- RequestAuthentication --------------------------------------------------------------
@@ -526,8 +713,8 @@ def _request_authentication(
     rules = spec.get("jwtRules") or []
     if not isinstance(rules, list):
         raise ctx.error(spec, "spec.jwtRules", "must be a list", "jwtRules")
-    providers = tuple(
-        _jwt_rule(ctx, r, f"spec.jwtRules[{i}]", algorithms, base_dir) for i, r in enumerate(rules)
+    providers = _each(
+        rules, lambda i, r: _jwt_rule(ctx, r, f"spec.jwtRules[{i}]", algorithms, base_dir)
     )
     issuers = [p.issuer for p in providers]
     dup = {i for i in issuers if issuers.count(i) > 1}
@@ -536,7 +723,7 @@ def _request_authentication(
     return RequestAuthentication(
         meta.name,
         meta.namespace,
-        _scope(ctx, spec, meta.scope_namespace),
+        _scope(ctx, spec, meta),
         providers,
         ctx.file,
         meta.line,
@@ -616,6 +803,7 @@ def _read_jwks_uri(ctx: _Ctx, node: Node, path: str, base_dir: Path) -> str:
     file_path = Path(parsed.path if parsed.scheme == "file" else uri)
     if not file_path.is_absolute():
         file_path = base_dir / file_path
+    ctx.reads.append(file_path)
     try:
         return file_path.read_text()
     except OSError as exc:

@@ -7,6 +7,7 @@ only the rule matching itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from ..decision import DenyResponse, Header
 from ..errors import PolicyError, PolicySetError, WorkloadUnknownError
 from ..identity.jwt import TokenVerifier
 from .compile import compile_resource
+from .index import LINEAR_BELOW, RuleIndex
 from .model import (
     Action,
     Attributes,
@@ -24,6 +27,7 @@ from .model import (
     PolicySource,
     RequestAuthentication,
     Rule,
+    Target,
 )
 from .source import load_text, policy_files
 
@@ -43,13 +47,17 @@ class Verdict:
     rule: str = ""
     audit: tuple[str, ...] = ()
     dry_run: Verdict | None = None
+    headers: tuple[Header, ...] = ()  # the allowing rule's extension headers
+    deny_response: DenyResponse | None = None
 
 
-def _first(policies: Iterable[AuthorizationPolicy], attrs: Attributes) -> tuple[str, Rule] | None:
+def _first(
+    policies: Iterable[AuthorizationPolicy], attrs: Attributes
+) -> tuple[AuthorizationPolicy, Rule] | None:
     for p in policies:
         rule = p.first_match(attrs)
         if rule is not None:
-            return p.key, rule
+            return p, rule
     return None
 
 
@@ -58,27 +66,93 @@ class _Enforcement:
     deny: tuple[AuthorizationPolicy, ...]
     allow: tuple[AuthorizationPolicy, ...]
     audit: tuple[AuthorizationPolicy, ...]
+    # Sent when no ALLOW policy matched: the first ALLOW policy's (in load order) that has one.
+    no_match_response: DenyResponse | None
+    # The rules of deny, allow and audit (in that order) filed by what they need of a request;
+    # None: scan them all (few rules, or none the index can file).
+    index: RuleIndex | None = None
 
     @classmethod
-    def of(cls, policies: Iterable[AuthorizationPolicy]) -> _Enforcement:
+    def of(
+        cls, policies: Iterable[AuthorizationPolicy], *, indexed: bool | None = None
+    ) -> _Enforcement:
+        """``indexed``: None chooses by size; False/True force a scan / the index (benchmarks)."""
         ps = tuple(policies)
+        deny = tuple(p for p in ps if p.action is Action.DENY)
+        allow = tuple(p for p in ps if p.action is Action.ALLOW)
+        audit = tuple(p for p in ps if p.action is Action.AUDIT)
+        index = None
+        if indexed or (indexed is None and sum(len(p.rules) for p in ps) >= LINEAR_BELOW):
+            index = RuleIndex((deny, allow, audit))
+            if indexed is None and index.stats.unfiled == index.stats.rules:
+                index = None  # nothing filed: every rule would be a candidate anyway
         return cls(
-            tuple(p for p in ps if p.action is Action.DENY),
-            tuple(p for p in ps if p.action is Action.ALLOW),
-            tuple(p for p in ps if p.action is Action.AUDIT),
+            deny,
+            allow,
+            audit,
+            next((p.deny_response for p in allow if p.deny_response), None),
+            index,
         )
 
     def evaluate(self, attrs: Attributes) -> Verdict:
-        audit = tuple(p.key for p in self.audit if p.first_match(attrs) is not None)
-        hit = _first(self.deny, attrs)
-        if hit is not None:
-            return Verdict(False, "denied_by_policy", hit[0], hit[1].name, audit)
+        if self.index is None:
+            audit = tuple(p.key for p in self.audit if p.first_match(attrs) is not None)
+            deny_hit = _first(self.deny, attrs)
+            allow_hit = _first(self.allow, attrs) if deny_hit is None else None
+        else:
+            audit, deny_hit, allow_hit = self._indexed(self.index, attrs)
+        if deny_hit is not None:
+            policy, rule = deny_hit
+            return Verdict(
+                False,
+                "denied_by_policy",
+                policy.key,
+                rule.name,
+                audit,
+                deny_response=policy.deny_response,
+            )
         if not self.allow:
             return Verdict(True, "no_allow_policy", audit=audit)
-        hit = _first(self.allow, attrs)
-        if hit is not None:
-            return Verdict(True, "allowed_by_policy", hit[0], hit[1].name, audit)
-        return Verdict(False, "no_allow_policy_matched", audit=audit)
+        if allow_hit is not None:
+            policy, rule = allow_hit
+            return Verdict(
+                True, "allowed_by_policy", policy.key, rule.name, audit, headers=rule.headers
+            )
+        return Verdict(
+            False, "no_allow_policy_matched", audit=audit, deny_response=self.no_match_response
+        )
+
+    def _indexed(
+        self, index: RuleIndex, attrs: Attributes
+    ) -> tuple[
+        tuple[str, ...],
+        tuple[AuthorizationPolicy, Rule] | None,
+        tuple[AuthorizationPolicy, Rule] | None,
+    ]:
+        """As the scan: matching AUDIT policies, the first DENY hit, else the first ALLOW hit.
+
+        Candidates come in (group, policy, rule) order, so the first that matches is the first
+        the scan would find.
+        """
+        candidates = index.candidates(attrs)
+        entries = index.entries
+        deny_end, allow_end, _ = index.ends
+        audit: list[str] = []
+        matched: AuthorizationPolicy | None = None
+        deny_hit = allow_hit = None
+        for seq in candidates:
+            if seq < deny_end:
+                if deny_hit is None and entries[seq][1].matches(attrs):
+                    deny_hit = entries[seq]
+            elif seq < allow_end:
+                if deny_hit is None and allow_hit is None and entries[seq][1].matches(attrs):
+                    allow_hit = entries[seq]
+            else:
+                policy, rule = entries[seq]
+                if policy is not matched and rule.matches(attrs):
+                    audit.append(policy.key)
+                    matched = policy
+        return tuple(audit), deny_hit, allow_hit
 
 
 class WorkloadPolicies:
@@ -90,6 +164,7 @@ class WorkloadPolicies:
         authn: Iterable[RequestAuthentication],
     ) -> None:
         authz = tuple(authz)
+        self.authz = authz
         self.enforced = _Enforcement.of(p for p in authz if not p.dry_run)
         # Istio's shadow rules: what the decision would be if dry-run policies were enforced.
         self.shadow = _Enforcement.of(authz) if any(p.dry_run for p in authz) else None
@@ -107,6 +182,8 @@ class WorkloadPolicies:
             verdict.rule,
             verdict.audit,
             dry_run=shadow,
+            headers=verdict.headers,
+            deny_response=verdict.deny_response,
         )
 
 
@@ -137,15 +214,20 @@ class PolicySet:
             *self.authn,
         )
         self.namespaced = any(r.scope.namespace is not None for r in self._resources)
-        self._workloads: dict[tuple[str | None, str | None], WorkloadPolicies] = {}
+        self._workloads: dict[
+            tuple[str | None, str | None, frozenset[Target]], WorkloadPolicies
+        ] = {}
 
     @property
     def revision(self) -> str:
         return self.source.revision
 
-    def for_workload(self, namespace: str | None, labels: str | None) -> WorkloadPolicies:
-        """The policies of the workload ``namespace`` + ``labels`` (``a=b,c=d`` or None)."""
-        key = (namespace, labels)
+    def for_workload(
+        self, namespace: str | None, labels: str | None, targets: frozenset[Target] = frozenset()
+    ) -> WorkloadPolicies:
+        """The policies of the workload ``namespace`` + ``labels`` (``a=b,c=d`` or None) that
+        is reached as ``targets`` (the Service / Gateway names Envoy's route gives)."""
+        key = (namespace, labels, targets)
         found = self._workloads.get(key)
         if found is not None:
             return found
@@ -154,19 +236,21 @@ class PolicySet:
                 "policies are namespaced but the request names no workload namespace"
             )
         parsed = parse_labels(labels) if labels is not None else None
-        authz = [p for p in self.authz if p.scope.applies_to(namespace, parsed)]
-        authn = [p for p in self.authn if p.scope.applies_to(namespace, parsed)]
-        if parsed is None:
-            selecting = [
-                r.key
-                for r in self._resources
-                if r.scope.match_labels and r.scope.namespace in (None, namespace)
-            ]
-            if selecting:
-                raise WorkloadUnknownError(
-                    f"policies {selecting[:3]} select workloads by label but the request "
-                    "names no workload labels"
-                )
+        authz = [p for p in self.authz if p.scope.applies_to(namespace, parsed, targets)]
+        authn = [p for p in self.authn if p.scope.applies_to(namespace, parsed, targets)]
+        here = [r for r in self._resources if r.scope.namespace in (None, namespace)]
+        selecting = [r.key for r in here if r.scope.match_labels and not r.scope.targets]
+        if parsed is None and selecting:
+            raise WorkloadUnknownError(
+                f"policies {selecting[:3]} select workloads by label but the request "
+                "names no workload labels"
+            )
+        targeting = [r.key for r in here if r.scope.targets]
+        if not targets and targeting:
+            raise WorkloadUnknownError(
+                f"policies {targeting[:3]} have targetRefs but the request names no service "
+                "or gateway (context_extensions service / gateway)"
+            )
         wp = WorkloadPolicies(authz, authn)
         if len(self._workloads) < _MAX_WORKLOADS:
             self._workloads[key] = wp  # a benign race: two threads build equal values
@@ -190,6 +274,7 @@ class PolicySet:
         warnings: list[str] = []
         digest = hashlib.sha256()
         seen: dict[tuple[str, str | None, str], str] = {}
+        reads: list[Path] = []
         for path in files:
             rel = str(path)
             try:
@@ -202,10 +287,17 @@ class PolicySet:
                 for doc in load_text(text, rel):
                     try:
                         res = compile_resource(
-                            doc.body, file=rel, root_namespace=root_namespace, base_dir=path.parent
+                            doc.body,
+                            file=rel,
+                            root_namespace=root_namespace,
+                            base_dir=path.parent,
+                            reads=reads,
                         )
                     except PolicyError as exc:
                         errors.append(exc)
+                        continue
+                    except PolicySetError as exc:  # several rules of one resource
+                        errors.extend(exc.errors)
                         continue
                     if isinstance(res, str):
                         warnings.append(res)
@@ -231,5 +323,14 @@ class PolicySet:
             raise PolicySetError(errors)
         for w in warnings:
             log.warning("%s", w)
-        source = PolicySource(tuple(map(str, files)), digest.hexdigest()[:12], tuple(warnings))
+        for dep in sorted(set(reads)):
+            # A changed JWKS file is a new revision even when no policy file changed.
+            with contextlib.suppress(OSError):
+                digest.update(str(dep).encode() + b"\0" + dep.read_bytes() + b"\0")
+        source = PolicySource(
+            tuple(map(str, files)),
+            digest.hexdigest()[:12],
+            tuple(warnings),
+            tuple(sorted({str(p) for p in reads})),
+        )
         return cls(authz, authn, source)

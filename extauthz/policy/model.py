@@ -12,6 +12,7 @@ from enum import Enum
 from functools import cached_property
 from typing import Any
 
+from ..decision import DenyResponse, Header
 from ..identity.jwt import JwtProvider, VerifiedToken
 from ..request import CheckInput
 from .match import IPAddress, parse_ip
@@ -73,15 +74,29 @@ class Attributes:
 
 
 Test = Callable[[Attributes], bool]
+Getter = Callable[[Attributes], Any]
+
+
+def _absent(attrs: Attributes) -> Any:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
 class FieldCheck:
-    """One field of a source, operation or condition, e.g. ``from[0].source.principals``."""
+    """One field of a source, operation or condition, e.g. ``from[0].source.principals``.
+
+    ``test`` is all a decision runs. ``field``, ``values`` and ``negated`` (the policy's words,
+    with ``notX`` stored as ``x`` negated) let the index, the linter and explanations reason
+    about the check; ``get`` reads the request value an explanation shows.
+    """
 
     path: str
     line: int
     test: Test
+    field: str = ""
+    values: tuple[str, ...] = ()
+    negated: bool = False
+    get: Getter = _absent
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +112,17 @@ class Clause:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """``from`` entries OR'ed, ``to`` entries OR'ed, ``when`` conditions AND'ed; all AND'ed."""
+    """``from`` entries OR'ed, ``to`` entries OR'ed, ``when`` conditions AND'ed; all AND'ed.
+
+    ``headers`` (an ``extauthz.io`` extension, ALLOW only) go upstream when this rule allows.
+    """
 
     index: int
     line: int
     sources: tuple[Clause, ...]
     operations: tuple[Clause, ...]
     conditions: Clause
+    headers: tuple[Header, ...] = ()
 
     @property
     def name(self) -> str:
@@ -117,16 +136,28 @@ class Rule:
         )
 
 
+Target = tuple[str, str]  # ("Service" | "Gateway", name)
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """Which workloads a resource applies to: namespace (None = every one) and selector."""
+    """Which workloads a resource applies to: namespace (None = every one), and either a
+    label selector or ``targetRefs`` (Services/ServiceEntries and Gateways, by name)."""
 
     namespace: str | None
     match_labels: Mapping[str, str] | None
+    targets: frozenset[Target] | None = None
 
-    def applies_to(self, namespace: str | None, labels: Mapping[str, str] | None) -> bool:
+    def applies_to(
+        self,
+        namespace: str | None,
+        labels: Mapping[str, str] | None,
+        targets: frozenset[Target] = frozenset(),
+    ) -> bool:
         if self.namespace is not None and self.namespace != namespace:
             return False
+        if self.targets:
+            return bool(self.targets & targets)
         if not self.match_labels:
             return True
         return labels is not None and all(labels.get(k) == v for k, v in self.match_labels.items())
@@ -142,6 +173,7 @@ class AuthorizationPolicy:
     dry_run: bool
     file: str
     line: int
+    deny_response: DenyResponse | None = None
 
     @property
     def key(self) -> str:
@@ -172,3 +204,4 @@ class PolicySource:
     files: tuple[str, ...]
     revision: str
     warnings: tuple[str, ...] = ()
+    dependencies: tuple[str, ...] = ()  # other files read (jwksUri): a reload watches them
