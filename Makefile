@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install check test demo lint-policies clean
+.PHONY: install check test demo lint-policies clean protos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,19 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict extauthz
-	$(BIN)/extauthz policy lint policies/
+	$(BIN)/extauthz policy lint --strict policies/
+	$(BIN)/extauthz policy test policies/
 
 test: check
 	$(BIN)/pytest -q
 
 demo: install
 	$(BIN)/extauthz demo
+
+# Regenerate extauthz/admin/v1/*_pb2*.py(i) from protos/ (tests/test_admin.py checks they match).
+PROTOS := protos/extauthz/admin/v1/admin.proto
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache

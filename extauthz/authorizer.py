@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from .config import Settings
@@ -17,12 +18,16 @@ from .identity import peer as peer_identity
 from .identity import spiffe
 from .identity.jwt import ClaimToHeader, VerifiedToken, claim_value
 from .policy.engine import PolicySet, WorkloadPolicies
-from .policy.model import Attributes
+from .policy.explain import Explanation, explain_policies
+from .policy.model import Attributes, Target
 from .request import CheckInput
 from .response import DECISION_ID_HEADER
 
 log = logging.getLogger(__name__)
 
+_NO_TARGETS: frozenset[Target] = frozenset()
+# context_extensions naming what a targetRefs policy targets
+_TARGET_KINDS = (("service", "Service"), ("gateway", "Gateway"))
 _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F)) - {"\t"}
 
 
@@ -54,12 +59,55 @@ class Authorizer:
         )
 
     def check(self, inp: CheckInput) -> Decision:
+        return self._decide(inp, None, None)
+
+    def explain(
+        self,
+        inp: CheckInput,
+        *,
+        claims: Mapping[str, Any] | None = None,
+        policies: PolicySet | None = None,
+    ) -> Explanation:
+        """The decision for ``inp`` and why: every applicable policy and rule, evaluated.
+
+        ``claims`` stand in for an already verified token (``extauthz check``, policy tests):
+        they must name an issuer a RequestAuthentication of the workload trusts. ``policies``
+        evaluates against that snapshot instead of the set in force (the admin service's
+        replay of a recorded decision).
+        """
+        trace = _Trace()
+        decision = self._decide(inp, claims, trace, policies)
+        attrs, workload = trace.attrs, trace.workload
+        results = (
+            explain_policies(workload.authz, attrs)
+            if attrs is not None and workload is not None
+            else ()
+        )
+        return Explanation(
+            decision,
+            trace.namespace,
+            trace.labels,
+            attrs.principal or "" if attrs else "",
+            "/".join(attrs.request_principal or ()) if attrs else "",
+            results,
+        )
+
+    def _decide(
+        self,
+        inp: CheckInput,
+        claims: Mapping[str, Any] | None,
+        trace: _Trace | None,
+        snapshot: PolicySet | None = None,
+    ) -> Decision:
         decision_id = new_decision_id()
-        policies = self._policies
+        policies = self._policies if snapshot is None else snapshot
         try:
-            return self._check(inp, policies, decision_id)
+            return self._check(inp, policies, decision_id, claims, trace)
         except ExtAuthzError as exc:
-            return self.refuse(exc, decision_id)
+            refused = self.refuse(exc, decision_id)
+            if snapshot is None:
+                return refused
+            return replace(refused, policy_revision=policies.revision)
         except Exception:
             # Fail closed: a bug must never become an allow or an RPC error.
             log.exception("decision %s failed; denying", decision_id)
@@ -71,7 +119,7 @@ class Authorizer:
                 policy_revision=policies.revision,
             )
 
-    def _workload(self, inp: CheckInput, policies: PolicySet) -> WorkloadPolicies:
+    def _workload(self, inp: CheckInput) -> tuple[str | None, str | None, frozenset[Target]]:
         ext = inp.context_extensions
         namespace = (
             ext.get("namespace")
@@ -79,18 +127,36 @@ class Authorizer:
             or _namespace_of(inp.destination_principal)
         )
         labels = ext.get("labels", self.settings.workload_labels)
-        return policies.for_workload(namespace, labels)
+        if "service" not in ext and "gateway" not in ext:
+            return namespace, labels, _NO_TARGETS
+        targets = frozenset((kind, ext[key]) for key, kind in _TARGET_KINDS if ext.get(key))
+        return namespace, labels, targets
 
-    def _check(self, inp: CheckInput, policies: PolicySet, decision_id: str) -> Decision:
-        workload = self._workload(inp, policies)
+    def _check(
+        self,
+        inp: CheckInput,
+        policies: PolicySet,
+        decision_id: str,
+        claims: Mapping[str, Any] | None = None,
+        trace: _Trace | None = None,
+    ) -> Decision:
+        namespace, labels, targets = self._workload(inp)
+        if trace is not None:
+            trace.namespace, trace.labels = namespace, labels
+        workload = policies.for_workload(namespace, labels, targets)
         peer = peer_identity.resolve(inp)
-        token = None if _is_cors_preflight(inp) else workload.verifier.verify(inp)
+        if claims is not None:
+            token: VerifiedToken | None = workload.verifier.assume(claims)
+        else:
+            token = None if _is_cors_preflight(inp) else workload.verifier.verify(inp)
         attrs = Attributes(
             inp,
             principal=peer.principal if peer else None,
             token=token,
             remote_ip=_remote_ip(inp, self.settings.xff_trusted_hops),
         )
+        if trace is not None:
+            trace.attrs, trace.workload = attrs, workload
         verdict = workload.evaluate(attrs)
         shadow = verdict.dry_run
         common: dict[str, Any] = {
@@ -112,9 +178,16 @@ class Authorizer:
                 else "no ALLOW policy matched"
             )
             return Decision(
-                Outcome.PERMISSION_DENIED, verdict.reason, message, decision_id, **common
+                Outcome.PERMISSION_DENIED,
+                verdict.reason,
+                message,
+                decision_id,
+                deny_response=verdict.deny_response,
+                **common,
             )
-        upstream, remove = self._upstream_headers(workload, peer, token, decision_id)
+        upstream, remove = self._upstream_headers(
+            workload, peer, token, decision_id, verdict.headers
+        )
         return Decision(
             Outcome.ALLOW,
             verdict.reason,
@@ -131,8 +204,9 @@ class Authorizer:
         peer: peer_identity.Peer | None,
         token: VerifiedToken | None,
         decision_id: str,
+        rule_headers: tuple[Header, ...],
     ) -> tuple[tuple[Header, ...], tuple[str, ...]]:
-        out: list[Header] = []
+        out: list[Header] = list(rule_headers)
         remove: list[str] = []
         if token is not None:
             provider = token.provider
@@ -153,6 +227,15 @@ class Authorizer:
         managed = workload.verifier.output_headers | {self.settings.spiffe_id_header}
         remove.extend(sorted(managed - written))
         return tuple(out), tuple(remove)
+
+
+class _Trace:
+    """What an explanation needs from inside one decision; None on the request path."""
+
+    namespace: str | None = None
+    labels: str | None = None
+    attrs: Attributes | None = None
+    workload: WorkloadPolicies | None = None
 
 
 def _namespace_of(principal: str) -> str | None:

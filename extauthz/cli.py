@@ -1,4 +1,4 @@
-"""``extauthz`` command line: ``serve``, ``policy lint``, ``demo``."""
+"""``extauthz`` command line: ``serve``, ``check``, ``policy lint|test``, ``demo``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, policytest
 from .authorizer import Authorizer
 from .config import DEFAULT_LISTEN, Settings
 from .errors import ConfigError, PolicyError, PolicySetError
 from .policy.engine import DEFAULT_ROOT_NAMESPACE, PolicySet
+from .policy.lint import lint
+from .policy.source import load_text
+from .probe import parse_probe
+from .reload import PolicyReloader
 from .server import Server, run
 from .telemetry import Telemetry
 
@@ -47,6 +51,38 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grace", type=float, default=5.0, help="seconds to drain in-flight checks on SIGTERM"
     )
+    p.add_argument(
+        "--reload-interval",
+        type=float,
+        default=2.0,
+        help="seconds between checks of --policies for changes (0: reload on SIGHUP only)",
+    )
+
+
+def _admin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="serve the admin gRPC service (explain decisions, policy status) on this separate "
+        "listener; it shows request details: keep it on localhost (default: off)",
+    )
+    p.add_argument(
+        "--recent-decisions",
+        type=_count,
+        default=1024,
+        metavar="N",
+        help="recent decisions the admin service can explain by id (0: none are recorded)",
+    )
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -58,6 +94,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         workload_labels=args.workload_labels,
         xff_trusted_hops=args.xff_trusted_hops,
         grace_seconds=args.grace,
+        reload_interval=args.reload_interval,
+        admin_listen=getattr(args, "admin_listen", None),
+        recent_decisions=getattr(args, "recent_decisions", 1024),
     )
 
 
@@ -72,11 +111,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     policies = load_policies(settings)
     if settings.policies is None:
         log.warning("no --policies: every request is allowed and no token is checked")
+    authorizer = Authorizer(policies, settings)
+    reloader = (
+        PolicyReloader(
+            authorizer,
+            settings.policies,
+            root_namespace=settings.root_namespace,
+            interval=settings.reload_interval,
+        )
+        if settings.policies is not None
+        else None
+    )
     server = Server(
-        Authorizer(policies, settings),
+        authorizer,
         Telemetry.from_env(),
         listen=settings.listen,
         grace=settings.grace_seconds,
+        reload=reloader,
+        admin_listen=settings.admin_listen,
+        recent_decisions=settings.recent_decisions,
     )
     asyncio.run(run(server))
     return 0
@@ -86,11 +139,49 @@ def cmd_lint(args: argparse.Namespace) -> int:
     policies = PolicySet.load(args.directory, root_namespace=args.root_namespace)
     for warning in policies.source.warnings:
         print(f"warning: {warning}")
+    found = lint(policies)
+    for w in found:
+        print(f"warning: {w}")
     print(
         f"{args.directory}: {len(policies.authz)} AuthorizationPolicy, "
-        f"{len(policies.authn)} RequestAuthentication in {len(policies.source.files)} file(s): OK"
+        f"{len(policies.authn)} RequestAuthentication in {len(policies.source.files)} file(s): "
+        + (f"{len(found)} warning(s)" if found else "OK")
     )
-    return 0
+    return 1 if args.strict and (found or policies.source.warnings) else 0
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    report = policytest.run(
+        args.directory, settings=Settings(root_namespace=args.root_namespace), match=args.run
+    )
+    for err in report.errors:
+        print(f"error: {err}")
+    for r in report.results:
+        if r.passed and not args.verbose:
+            continue
+        print(f"{'PASS' if r.passed else 'FAIL'}: {r.file}:{r.line}: {r.name}")
+        for problem in r.problems:
+            print(f"    {problem}")
+        if not r.passed and r.explanation is not None:
+            print("\n".join(f"    | {line}" for line in r.explanation.lines()))
+    failed = sum(not r.passed for r in report.results)
+    if not report.results and not report.errors:
+        print(f"error: no test cases found in {args.directory} (*.test.yaml)")
+    print(f"{len(report.results) - failed}/{len(report.results)} passed, {failed} failed")
+    return 0 if report.passed else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    authorizer = Authorizer(load_policies(settings), settings)
+    text = sys.stdin.read() if str(args.request) == "-" else args.request.read_text()
+    docs = list(load_text(text, str(args.request)))
+    if len(docs) != 1:
+        raise ConfigError(f"{args.request}: expected one request description")
+    probe = parse_probe(docs[0].body)
+    explanation = authorizer.explain(probe.input, claims=probe.claims)
+    print("\n".join(explanation.lines()))
+    return 0 if explanation.decision.allowed else 2
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -106,13 +197,30 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the ext_authz gRPC server")
     _serve_args(serve)
+    _admin_args(serve)
     serve.set_defaults(func=cmd_serve)
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
-    lint = policy_sub.add_parser("lint", help="load and validate a policy directory")
-    lint.add_argument("directory", type=Path)
-    lint.add_argument("--root-namespace", default=DEFAULT_ROOT_NAMESPACE)
-    lint.set_defaults(func=cmd_lint)
+    lint_p = policy_sub.add_parser("lint", help="load and validate a policy directory")
+    lint_p.add_argument("directory", type=Path)
+    lint_p.add_argument("--root-namespace", default=DEFAULT_ROOT_NAMESPACE)
+    lint_p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    lint_p.set_defaults(func=cmd_lint)
+    ptest = policy_sub.add_parser(
+        "test", help="run the *.test.yaml cases of a policy directory (like opa test)"
+    )
+    ptest.add_argument("directory", type=Path)
+    ptest.add_argument("--root-namespace", default=DEFAULT_ROOT_NAMESPACE)
+    ptest.add_argument("--run", metavar="REGEX", help="only cases whose name matches")
+    ptest.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
+    ptest.set_defaults(func=cmd_policy_test)
+    check = sub.add_parser(
+        "check",
+        help="decide one described request offline and explain why (exit 0 allow, 2 deny)",
+    )
+    _serve_args(check)
+    check.add_argument("request", type=Path, help="YAML/JSON request description, or -")
+    check.set_defaults(func=cmd_check)
     demo = sub.add_parser("demo", help="run the local demo mesh (development only)")
     demo.add_argument("--once", action="store_true", help="play the scenario once and exit")
     demo.add_argument("--workdir", type=Path, default=Path(".demo"))

@@ -28,3 +28,8 @@ class Settings:
     xff_trusted_hops: int = 0
     spiffe_id_header: str = SPIFFE_ID_HEADER
     grace_seconds: float = 5.0
+    reload_interval: float = 2.0
+    # The admin gRPC service's own listener (None: off) and how many recent decisions it can
+    # explain by id (0: none are recorded).
+    admin_listen: str | None = None
+    recent_decisions: int = 1024

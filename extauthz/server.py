@@ -19,9 +19,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from .admin.recent import DEFAULT_CAPACITY, RecentDecisions
 from .authorizer import Authorizer
 from .decision import Decision, Outcome
 from .errors import ConfigError, ExtAuthzError
+from .reload import PolicyReloader, ReloadStatus
 from .request import CheckInput, from_check_request
 from .response import to_check_response
 from .telemetry import Telemetry
@@ -29,6 +31,7 @@ from .telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+POLICY_HEALTH_SERVICE = "extauthz.policy"  # NOT_SERVING while the last reload failed
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 # Built at import: the answer of last resort must not itself be able to fail.
@@ -40,9 +43,16 @@ _LAST_RESORT = to_check_response(
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """``envoy.service.auth.v3.Authorization``."""
 
-    def __init__(self, authorizer: Authorizer, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        telemetry: Telemetry,
+        recent: RecentDecisions | None = None,
+    ) -> None:
         self.authorizer = authorizer
         self.telemetry = telemetry
+        # Only with the admin listener on: the inputs and policy snapshots of recent decisions.
+        self.recent = recent
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         start = time.time_ns()
@@ -54,6 +64,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         except Exception:
             log.exception("cannot read CheckRequest; denying")
             return _LAST_RESORT
+        # The snapshot ``check`` will decide on: no await in between, so no reload either.
+        snapshot = self.authorizer.policies if self.recent is not None else None
         try:
             if inp is not None:
                 decision = self.authorizer.check(inp)
@@ -61,6 +73,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         except Exception:
             log.exception("cannot build CheckResponse; denying")
             return _LAST_RESORT
+        if self.recent is not None and snapshot is not None:
+            try:
+                self.recent.record(decision, inp, snapshot)
+            except Exception:
+                log.exception("cannot record decision %s", decision.decision_id)
         try:
             self.telemetry.record(decision, inp, start, context.invocation_metadata() or ())
         except Exception:
@@ -69,15 +86,41 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
 
 class Server:
-    """One grpc.aio server with Check, health and reflection, and graceful shutdown."""
+    """One grpc.aio server with Check, health and reflection, and graceful shutdown.
+
+    With ``admin_listen``, a second server on that address serves the admin service
+    (:mod:`extauthz.admin.service`), and Check records its last ``recent_decisions``.
+    """
 
     def __init__(
-        self, authorizer: Authorizer, telemetry: Telemetry, *, listen: str, grace: float = 5.0
+        self,
+        authorizer: Authorizer,
+        telemetry: Telemetry,
+        *,
+        listen: str,
+        grace: float = 5.0,
+        reload: PolicyReloader | None = None,
+        admin_listen: str | None = None,
+        recent_decisions: int = DEFAULT_CAPACITY,
     ) -> None:
         self.authorizer = authorizer
         self.telemetry = telemetry
         self.listen = listen
         self.grace = grace
+        self.reloader = reload
+        # The admin service (explanations, policy status) gets its own listener, never the
+        # Check port: it shows request details, so keep it on localhost / a protected network.
+        self.admin_listen = admin_listen
+        if admin_listen is not None:
+            _check_admin_listen(admin_listen, listen)
+        self.recent = (
+            RecentDecisions(recent_decisions)
+            if admin_listen is not None and recent_decisions > 0
+            else None
+        )
+        self.admin_port = 0
+        self._admin: grpc.aio.Server | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.health = HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -91,7 +134,7 @@ class Server:
             ]
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationServicer(self.authorizer, self.telemetry), server
+            AuthorizationServicer(self.authorizer, self.telemetry, self.recent), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -106,18 +149,70 @@ class Server:
             self.port = server.add_insecure_port(_grpc_address(self.listen))
         except RuntimeError as exc:
             raise ConfigError(f"--listen {self.listen}: cannot bind: {exc}") from exc
+        if self.admin_listen is not None:
+            try:
+                self._admin = self._admin_server(self.admin_listen)
+            except BaseException:
+                await server.stop(None)
+                raise
+            await self._admin.start()
         await server.start()
-        for service in ("", AUTHORIZATION_SERVICE):
+        for service in ("", AUTHORIZATION_SERVICE, POLICY_HEALTH_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+        if self.reloader is not None:
+            self.reloader.listeners.append(self._policy_status)
+            self._watcher = asyncio.create_task(self.reloader.run(), name="policy-watcher")
         log.info(
             "extauthz listening on %s (policy revision %s)",
             self.listen if self.listen.startswith("unix:") else f"port {self.port}",
             self.authorizer.policies.revision,
         )
 
+    def _admin_server(self, listen: str) -> grpc.aio.Server:
+        """The admin listener: ``extauthz.admin.v1.Admin``, health and reflection."""
+        from .admin.service import ADMIN_SERVICE, AdminServicer, add_admin_service
+
+        admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        add_admin_service(
+            AdminServicer(self.authorizer, recent=self.recent, reloader=self.reloader), admin
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, admin)
+        reflection.enable_server_reflection(
+            (
+                ADMIN_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            admin,
+        )
+        try:
+            self.admin_port = admin.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise ConfigError(f"--admin-listen {listen}: cannot bind: {exc}") from exc
+        log.warning(
+            "admin service (decision explanations, request details) listening on %s: "
+            "keep it on localhost or a protected network",
+            listen if listen.startswith("unix:") else f"port {self.admin_port}",
+        )
+        return admin
+
+    async def _policy_status(self, status: ReloadStatus) -> None:
+        self.telemetry.record_reload(status.ok)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self.health.set(
+            POLICY_HEALTH_SERVICE,
+            serving if status.ok else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
     def request_stop(self) -> None:
         self._stopping.set()
+
+    def request_reload(self) -> None:
+        if self.reloader is not None:
+            self.reloader.request()
+        else:
+            log.warning("SIGHUP ignored: no --policies directory to reload")
 
     async def wait(self) -> None:
         await self._stopping.wait()
@@ -127,11 +222,32 @@ class Server:
         """Report NOT_SERVING, refuse new RPCs, let in-flight checks finish within ``grace``."""
         if self._server is None:
             return
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(self.grace)
+        if self._admin is not None:
+            await asyncio.gather(self._server.stop(self.grace), self._admin.stop(self.grace))
+            self._admin = None
+        else:
+            await self._server.stop(self.grace)
         self._server = None
         self.telemetry.shutdown()
         log.info("extauthz stopped")
+
+
+def _check_admin_listen(admin_listen: str, listen: str) -> None:
+    if admin_listen == listen and not listen.endswith(":0"):
+        raise ConfigError(
+            f"--admin-listen {admin_listen}: must differ from --listen (Envoy's port must not "
+            "expose the admin service)"
+        )
+    try:
+        _grpc_address(admin_listen)
+    except ConfigError:
+        raise ConfigError(
+            f"--admin-listen {admin_listen!r}: expected HOST:PORT or unix:/path"
+        ) from None
 
 
 def _grpc_address(listen: str) -> str:
@@ -144,9 +260,10 @@ def _grpc_address(listen: str) -> str:
 
 
 async def run(server: Server) -> None:
-    """Serve until SIGTERM or SIGINT, then drain."""
+    """Serve until SIGTERM or SIGINT, then drain; SIGHUP reloads the policies."""
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, server.request_reload)
     await server.wait()

@@ -18,7 +18,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from opentelemetry import metrics
 from opentelemetry.context import Context
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -80,11 +82,51 @@ def _exporter(name: str) -> SpanExporter | None:
 
 
 class Telemetry:
-    """Records decisions as spans. ``Telemetry(None)`` records nothing and costs nothing."""
+    """Records decisions as spans. ``Telemetry(None)`` records nothing and costs nothing.
 
-    def __init__(self, provider: TracerProvider | None) -> None:
+    Counters for dry-run verdicts and policy reloads go to ``meter_provider`` (default: the
+    global one, a no-op until an SDK MeterProvider is installed).
+    """
+
+    def __init__(
+        self, provider: TracerProvider | None, meter_provider: MeterProvider | None = None
+    ) -> None:
         self.provider = provider
         self._tracer = provider.get_tracer("extauthz", __version__) if provider else None
+        meter = (meter_provider or metrics.get_meter_provider()).get_meter("extauthz", __version__)
+        self._dry_run = meter.create_counter(
+            "extauthz.dry_run.decisions",
+            description="decisions with dry-run policies, by what enforcing them would change",
+        )
+        self._reloads = meter.create_counter(
+            "extauthz.policy.reloads", description="policy reload attempts, by result"
+        )
+
+    def record_dry_run(self, decision: Decision) -> None:
+        """Count (and log when it differs) what dry-run policies would have decided."""
+        would = decision.dry_run_allowed
+        if would is None:
+            return
+        changed = would != decision.allowed
+        self._dry_run.add(
+            1,
+            {
+                "decision": "allow" if decision.allowed else "deny",
+                "dry_run_decision": "allow" if would else "deny",
+                "dry_run_policy": decision.dry_run_policy,
+                "changed": changed,
+            },
+        )
+        if changed:
+            log.info(
+                "dry-run: decision %s would be %s (by %s) if dry-run policies were enforced",
+                decision.decision_id,
+                "allow" if would else "deny",
+                decision.dry_run_policy or "no ALLOW policy matching",
+            )
+
+    def record_reload(self, ok: bool) -> None:
+        self._reloads.add(1, {"result": "ok" if ok else "error"})
 
     @classmethod
     def from_env(cls, extra: Iterable[SpanProcessor] = ()) -> Telemetry:
@@ -113,6 +155,8 @@ class Telemetry:
         start_ns: int,
         metadata: Iterable[tuple[str, Any]] = (),
     ) -> None:
+        if decision.dry_run_allowed is not None:
+            self.record_dry_run(decision)
         if self._tracer is None:
             return
         span = self._tracer.start_span(

@@ -1,0 +1,1 @@
+"""Generated from protos/extauthz/admin/v1/admin.proto by grpcio-tools (``make protos``)."""
