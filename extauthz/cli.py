@@ -111,6 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     policies = load_policies(settings)
     if settings.policies is None:
         log.warning("no --policies: every request is allowed and no token is checked")
+    if settings.workload_namespace is not None:
+        # Select and index the default workload's policies before the first request.
+        policies.warm([(settings.workload_namespace, settings.workload_labels, frozenset())])
     authorizer = Authorizer(policies, settings)
     reloader = (
         PolicyReloader(

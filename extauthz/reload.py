@@ -21,6 +21,7 @@ from pathlib import Path
 from .authorizer import Authorizer
 from .errors import PolicyError, PolicySetError
 from .policy.engine import PolicySet
+from .policy.model import Target
 from .policy.source import policy_files
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,10 @@ class PolicyReloader:
             if not force and seen == self._seen:
                 return self.status
             self._seen = seen
+            # Read on the event loop: Checks add workloads to this dict.
+            keys = self.authorizer.policies.workload_keys()
             try:
-                loaded = await asyncio.to_thread(
-                    PolicySet.load, self.directory, root_namespace=self.root_namespace
-                )
+                loaded = await asyncio.to_thread(self._load, keys)
             except (PolicySetError, PolicyError) as exc:
                 errors = tuple(
                     e.message for e in (exc.errors if isinstance(exc, PolicySetError) else [exc])
@@ -157,6 +158,13 @@ class PolicyReloader:
                 )
             )
             return self.status
+
+    def _load(self, keys: list[tuple[str | None, str | None, frozenset[Target]]]) -> PolicySet:
+        loaded = PolicySet.load(self.directory, root_namespace=self.root_namespace)
+        # Select and index the policies of every workload already served, so that no
+        # request after the swap pays for it (0.5 s at 10,000 rules).
+        loaded.warm(keys)
+        return loaded
 
     async def _publish(self, status: ReloadStatus) -> None:
         self.status = status

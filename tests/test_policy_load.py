@@ -64,7 +64,7 @@ BROKEN: list[tuple[str, str, int, str]] = [
         "yaml-mapping-values-not-allowed",
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p: q\n",
         4,
-        "YAML syntax error: mapping values are not allowed here",
+        "YAML syntax error: mapping values are not allowed",
     ),
     (
         "unknown-source-field-did-you-mean",

@@ -99,6 +99,17 @@ async def test_a_changed_file_is_swapped_in(policy_dir: Path) -> None:
     assert not allowed(authorizer, "/a")
 
 
+async def test_a_reloaded_set_is_warm_for_the_workloads_already_served(policy_dir: Path) -> None:
+    authorizer, reloader = reloader_for(policy_dir)
+    assert allowed(authorizer, "/a")
+    served = authorizer.policies.workload_keys()
+    assert served == [("ns1", None, frozenset())]
+    write(policy_dir / "p.yaml", allow_only("/b"))
+    await reloader.reload()
+    # selected and indexed in the reload thread, before any request reached the new set
+    assert authorizer.policies.workload_keys() == served
+
+
 async def test_a_broken_set_keeps_the_last_good_one_and_names_the_line(policy_dir: Path) -> None:
     authorizer, reloader = reloader_for(policy_dir)
     good = authorizer.policies.revision

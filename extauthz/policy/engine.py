@@ -256,6 +256,16 @@ class PolicySet:
             self._workloads[key] = wp  # a benign race: two threads build equal values
         return wp
 
+    def workload_keys(self) -> list[tuple[str | None, str | None, frozenset[Target]]]:
+        """The workloads this set has been asked about (to warm a reloaded set with)."""
+        return list(self._workloads)
+
+    def warm(self, keys: Iterable[tuple[str | None, str | None, frozenset[Target]]]) -> None:
+        """Select (and index) these workloads' policies now, off the request path."""
+        for namespace, labels, targets in keys:
+            with contextlib.suppress(WorkloadUnknownError):
+                self.for_workload(namespace, labels, targets)
+
     @classmethod
     def empty(cls) -> PolicySet:
         return cls((), (), PolicySource((), "empty"))
