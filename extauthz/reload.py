@@ -161,6 +161,13 @@ class PolicyReloader:
 
     def _load(self, keys: list[tuple[str | None, str | None, frozenset[Target]]]) -> PolicySet:
         loaded = PolicySet.load(self.directory, root_namespace=self.root_namespace)
+        if not loaded.source.files and self.authorizer.policies.source.files:
+            # No policy at all means "allow everything": far more likely a directory caught
+            # mid-copy than an intent, so it never replaces a loaded set by reload.
+            raise PolicyError(
+                f"{self.directory} holds no policy files; keeping the loaded set "
+                "(restart without --policies to run with none)"
+            )
         # Select and index the policies of every workload already served, so that no
         # request after the swap pays for it (0.5 s at 10,000 rules).
         loaded.warm(keys)

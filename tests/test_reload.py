@@ -132,13 +132,21 @@ async def test_a_broken_set_keeps_the_last_good_one_and_names_the_line(policy_di
 
 @pytest.mark.parametrize(
     "damage",
-    ["delete_directory", "add_unreadable_file", "add_second_definition", "truncate"],
+    [
+        "delete_directory",
+        "empty_directory",
+        "add_unreadable_file",
+        "add_second_definition",
+        "truncate",
+    ],
 )
 async def test_damage_never_replaces_the_good_set(policy_dir: Path, damage: str) -> None:
     authorizer, reloader = reloader_for(policy_dir)
     if damage == "delete_directory":
         (policy_dir / "p.yaml").unlink()
         policy_dir.rmdir()
+    elif damage == "empty_directory":  # e.g. `rm *.yaml && cp new/*.yaml .` caught midway
+        (policy_dir / "p.yaml").unlink()
     elif damage == "add_unreadable_file":
         (policy_dir / "q.yaml").write_bytes(b"\xff\xfe not utf-8")
     elif damage == "add_second_definition":
