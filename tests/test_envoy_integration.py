@@ -60,6 +60,20 @@ def test_service_to_service_call_without_user_token(mesh: Mesh) -> None:
     assert r.json()["headers"]["x-extauthz-spiffe-id"].endswith("/sa/orders")
 
 
+def test_a_policy_deny_response_reaches_the_client(mesh: Mesh) -> None:
+    """policies/shop/payments-limits.yaml: CEL over a header, its own status, headers, body."""
+    before = mesh.services["payments"].upstream.hits  # type: ignore[union-attr]
+    small = mesh.call("orders", "payments", "POST", "/payments/charge", headers={"x-amount": "9"})
+    assert small.status == 200, small.body
+    r = mesh.call("orders", "payments", "POST", "/payments/charge", headers={"x-amount": "20000"})
+    assert r.status == 422, r.body
+    assert r.json() == {"error": "amount_over_limit", "limit": 10000}
+    assert r.headers["x-limit"] == "10000"
+    assert r.headers["content-type"] == "application/json"
+    assert "x-extauthz-decision-id" in r.headers
+    assert mesh.services["payments"].upstream.hits == before + 1  # only the small charge
+
+
 def test_wrong_spiffe_id_is_denied(mesh: Mesh) -> None:
     r = mesh.call("intruder", "orders", "GET", "/orders", token=token(mesh))
     assert r.status == 403
