@@ -90,6 +90,7 @@ class Authorizer:
             attrs.principal or "" if attrs else "",
             "/".join(attrs.request_principal or ()) if attrs else "",
             results,
+            trace.targets,
         )
 
     def _decide(
@@ -142,8 +143,8 @@ class Authorizer:
     ) -> Decision:
         namespace, labels, targets = self._workload(inp)
         if trace is not None:
-            trace.namespace, trace.labels = namespace, labels
-        workload = policies.for_workload(namespace, labels, targets)
+            trace.namespace, trace.labels, trace.targets = namespace, labels, targets
+        workload = policies.for_workload(namespace, labels, targets, remember=trace is None)
         peer = peer_identity.resolve(inp)
         if claims is not None:
             token: VerifiedToken | None = workload.verifier.assume(claims)
@@ -206,7 +207,9 @@ class Authorizer:
         decision_id: str,
         rule_headers: tuple[Header, ...],
     ) -> tuple[tuple[Header, ...], tuple[str, ...]]:
-        out: list[Header] = list(rule_headers)
+        managed = workload.verifier.output_headers | {self.settings.spiffe_id_header}
+        # A policy's static header never stands in for an identity header left unset.
+        out: list[Header] = [h for h in rule_headers if h[0] not in managed]
         remove: list[str] = []
         if token is not None:
             provider = token.provider
@@ -224,7 +227,6 @@ class Authorizer:
             out.append((self.settings.spiffe_id_header, peer.spiffe.uri))
         # Strip every identity header a caller could have forged and we did not set.
         written = {k for k, _ in out}
-        managed = workload.verifier.output_headers | {self.settings.spiffe_id_header}
         remove.extend(sorted(managed - written))
         return tuple(out), tuple(remove)
 
@@ -234,6 +236,7 @@ class _Trace:
 
     namespace: str | None = None
     labels: str | None = None
+    targets: frozenset[Target] = frozenset()
     attrs: Attributes | None = None
     workload: WorkloadPolicies | None = None
 

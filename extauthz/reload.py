@@ -73,6 +73,7 @@ class PolicyReloader:
         self.directory = directory
         self.root_namespace = root_namespace
         self.interval = interval
+        self.load = PolicySet.load  # a seam for tests
         # Called after every reload attempt, right after the swap (no await in between).
         self.listeners: list[Callable[[ReloadStatus], Awaitable[None]]] = []
         current = authorizer.policies
@@ -90,55 +91,33 @@ class PolicyReloader:
     async def reload(self, *, force: bool = False) -> ReloadStatus:
         """Reload if something changed (or ``force``); never raises for a bad policy set."""
         async with self._lock:
-            deps = self.authorizer.policies.source.dependencies
-            seen = await asyncio.to_thread(fingerprint, self.directory, deps)
+            current = self.authorizer.policies
+            seen = await asyncio.to_thread(fingerprint, self.directory, current.source.dependencies)
             if not force and seen == self._seen:
                 return self.status
-            self._seen = seen
             # Read on the event loop: Checks add workloads to this dict.
-            keys = self.authorizer.policies.workload_keys()
+            keys = current.workload_keys()
             try:
-                loaded = await asyncio.to_thread(self._load, keys)
+                loaded, self._seen = await asyncio.to_thread(self._load, current, keys)
             except (PolicySetError, PolicyError) as exc:
+                self._seen = seen
                 errors = tuple(
                     e.message for e in (exc.errors if isinstance(exc, PolicySetError) else [exc])
                 )
+                if isinstance(exc, _Unsettled):
+                    self._seen = ()  # try again at the next poll
                 for message in errors:
                     log.error(
                         "policy reload failed, keeping revision %s: %s",
                         self.status.revision,
                         message,
                     )
-                await self._publish(
-                    ReloadStatus(
-                        self.status.revision,
-                        False,
-                        errors,
-                        self.status.loaded_at,
-                        self.status.reloads,
-                        self.status.failures + 1,
-                    )
-                )
-                return self.status
+                return await self._failed(errors)
             except Exception:  # a bug in loading must not kill the watcher
                 log.exception("policy reload crashed; keeping revision %s", self.status.revision)
-                await self._publish(
-                    ReloadStatus(
-                        self.status.revision,
-                        False,
-                        ("internal error while loading; see the log",),
-                        self.status.loaded_at,
-                        self.status.reloads,
-                        self.status.failures + 1,
-                    )
-                )
-                return self.status
-            # The new set may name other JWKS files: watch those from now on.
-            if loaded.source.dependencies != deps:
-                self._seen = await asyncio.to_thread(
-                    fingerprint, self.directory, loaded.source.dependencies
-                )
-            old = self.authorizer.policies.revision
+                self._seen = seen
+                return await self._failed(("internal error while loading; see the log",))
+            old = current.revision
             self.authorizer.swap(loaded)
             if loaded.revision != old:
                 log.info(
@@ -159,19 +138,34 @@ class PolicyReloader:
             )
             return self.status
 
-    def _load(self, keys: list[tuple[str | None, str | None, frozenset[Target]]]) -> PolicySet:
-        loaded = PolicySet.load(self.directory, root_namespace=self.root_namespace)
-        if not loaded.source.files and self.authorizer.policies.source.files:
-            # No policy at all means "allow everything": far more likely a directory caught
-            # mid-copy than an intent, so it never replaces a loaded set by reload.
-            raise PolicyError(
-                f"{self.directory} holds no policy files; keeping the loaded set "
-                "(restart without --policies to run with none)"
-            )
+    async def _failed(self, errors: tuple[str, ...]) -> ReloadStatus:
+        s = self.status
+        await self._publish(
+            ReloadStatus(s.revision, False, errors, s.loaded_at, s.reloads, s.failures + 1)
+        )
+        return self.status
+
+    def _load(
+        self,
+        current: PolicySet,
+        keys: list[tuple[str | None, str | None, frozenset[Target]]],
+    ) -> tuple[PolicySet, Fingerprint]:
+        """Load a set whose files did not change while they were read, and check it."""
+        for _ in range(_ATTEMPTS):
+            before = fingerprint(self.directory, current.source.dependencies)
+            loaded = self.load(self.directory, root_namespace=self.root_namespace)
+            # A file rewritten, or a ConfigMap's ..data swapped, between two reads would
+            # give a set mixing two versions (a DENY moved between files could vanish).
+            if fingerprint(self.directory, current.source.dependencies) == before:
+                break
+            time.sleep(_SETTLE_SECONDS)
+        else:
+            raise _Unsettled(f"{self.directory}: files kept changing while being read; will retry")
+        _refuse_vanished_resources(current, loaded)
         # Select and index the policies of every workload already served, so that no
         # request after the swap pays for it (0.5 s at 10,000 rules).
         loaded.warm(keys)
-        return loaded
+        return loaded, fingerprint(self.directory, loaded.source.dependencies)
 
     async def _publish(self, status: ReloadStatus) -> None:
         self.status = status
@@ -189,3 +183,31 @@ class PolicyReloader:
                 await self.reload(force=force)
             except Exception:
                 log.exception("policy watcher failed; retrying in %.1fs", self.interval)
+
+
+_ATTEMPTS = 3
+_SETTLE_SECONDS = 0.2
+
+
+class _Unsettled(PolicyError):
+    """The policy files changed while a reload read them."""
+
+
+def _refuse_vanished_resources(current: PolicySet, loaded: PolicySet) -> None:
+    """No policy at all means "allow everything", and a file that lost every resource may
+    have held the DENY that mattered: both are far likelier a file caught mid-write or a
+    directory mid-copy than an intent, so a reload never installs them. Deleting the file
+    (or restarting) is the explicit way."""
+    if not (loaded.authz or loaded.authn) and (current.authz or current.authn):
+        raise PolicyError(
+            f"the new set holds no policies at all; keeping revision {current.revision} "
+            "(restart without --policies to run with none)"
+        )
+    had = {p.file for p in current.authz} | {r.file for r in current.authn}
+    has = {p.file for p in loaded.authz} | {r.file for r in loaded.authn}
+    for file in sorted(had & set(loaded.source.files) - has):
+        raise PolicyError(
+            "no longer holds any policy; keeping the loaded set (delete the file to "
+            "remove its policies)",
+            file=file,
+        )

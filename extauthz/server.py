@@ -248,6 +248,16 @@ def _check_admin_listen(admin_listen: str, listen: str) -> None:
         raise ConfigError(
             f"--admin-listen {admin_listen!r}: expected HOST:PORT or unix:/path"
         ) from None
+    host = admin_listen.rpartition(":")[0].strip("[]")
+    if not admin_listen.startswith("unix:") and host not in _LOOPBACK:
+        # The admin service has no authentication and shows request details.
+        raise ConfigError(
+            f"--admin-listen {admin_listen}: only a loopback address (127.0.0.1, [::1], "
+            "localhost) or unix:/path; reach it with kubectl port-forward or an SSH tunnel"
+        )
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def _grpc_address(listen: str) -> str:

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from extauthz.admin.recent import RecentDecisions
-from extauthz.admin.service import ADMIN_SERVICE
+from extauthz.admin.service import ADMIN_SERVICE, AdminServicer
 from extauthz.admin.v1 import admin_pb2, admin_pb2_grpc
 from extauthz.authorizer import Authorizer
 from extauthz.cli import _settings, parser
@@ -549,4 +549,41 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
     for name in GENERATED:
         assert filecmp.cmp(out / name, ROOT / "extauthz/admin/v1" / name, shallow=False), (
             f"extauthz/admin/v1/{name} is stale or hand-edited: run `make protos`"
+        )
+
+
+class _FakeContext:
+    """The servicer needs a context only to abort with an error status."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise AssertionError(f"{code}: {details}")
+
+
+async def test_explain_a_described_request_for_a_target_refs_workload(tmp_path: Path) -> None:
+    """service/gateway reach targetRefs policies, and explanations never fill the live memo."""
+    (tmp_path / "t.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: svc, namespace: ns1}\n"
+        "spec:\n  targetRefs: [{kind: Service, name: orders}]\n"
+        "  rules: [{to: [{operation: {methods: [GET]}}]}]\n"
+    )
+    policies = PolicySet.load(tmp_path)
+    servicer = AdminServicer(Authorizer(policies), recent=None, reloader=None)
+    desc = admin_pb2.RequestDescription(method="POST", namespace="ns1", service="orders")
+    req = admin_pb2.ExplainRequest(request=desc)
+    resp = await servicer.Explain(req, _FakeContext())  # type: ignore[arg-type]
+    assert resp.decision.reason == "no_allow_policy_matched"
+    assert resp.workload.service == "orders"
+    assert "service=orders" in resp.text
+    assert policies.workload_keys() == []
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9192", "10.0.0.5:9192", "[::]:9192"])
+def test_the_admin_listener_must_be_loopback(listen: str) -> None:
+    with pytest.raises(ConfigError, match="only a loopback address"):
+        Server(
+            Authorizer(PolicySet.empty()),
+            Telemetry(None),
+            listen="127.0.0.1:9191",
+            admin_listen=listen,
         )

@@ -144,6 +144,10 @@ def test_istio_policies_keep_the_default_answers(tmp_path: Path) -> None:
             "reserved header",
         ),
         (
+            resource("x", {**QUOTA, "denyResponse": {"headers": {"content-length": "0"}}}),
+            "reserved header",
+        ),
+        (
             resource("x", {"rules": [{"headers": {"x-a": "b"}}]}, api="security.istio.io/v1"),
             "unknown field 'headers'",
         ),
@@ -244,3 +248,31 @@ def test_bad_cel_is_a_load_error_with_the_line(tmp_path: Path, expr: str, messag
     assert message in text, text
     assert "rules[0].when[0].cel" in text
     assert f"{tmp_path / 'p.yaml'}:" in text
+
+
+def test_a_rule_header_never_stands_in_for_an_identity_header(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    jwk = ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key())
+    ra = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "RequestAuthentication",
+        "metadata": {"name": "ra", "namespace": "ns1"},
+        "spec": {
+            "jwtRules": [
+                {
+                    "issuer": "https://idp",
+                    "jwks": f'{{"keys": [{jwk}]}}',
+                    "outputClaimToHeaders": [{"header": "x-user", "claim": "sub"}],
+                }
+            ]
+        },
+    }
+    rule = {"headers": {"x-user": "admin", "x-tier": "gold"}}
+    authz = load(tmp_path, ra, resource("p", {"rules": [rule]}))
+    decision = authz.check(CheckInput(method="GET", host="h", path="/", headers={"x-user": "me"}))
+    assert decision.allowed
+    assert dict(decision.upstream_headers).get("x-tier") == "gold"
+    assert "x-user" not in dict(decision.upstream_headers)
+    assert "x-user" in decision.remove_headers  # the caller's forged one is stripped too

@@ -185,6 +185,36 @@ CASES: list[tuple[str, list[dict[str, Any]], list[str]]] = [
         ["never allows"],
     ),
     (
+        "DENY targeting one service does not shadow an ALLOW for the namespace",
+        [
+            policy(
+                "d",
+                {
+                    "action": "DENY",
+                    "targetRefs": [{"kind": "Service", "name": "orders"}],
+                    "rules": [to(paths=["/x"])],
+                },
+            ),
+            allow(to(paths=["/x"])),
+        ],
+        [],
+    ),
+    (
+        "DENY targeting a service shadows an ALLOW targeting the same",
+        [
+            policy(
+                "d",
+                {
+                    "action": "DENY",
+                    "targetRefs": [{"kind": "Service", "name": "orders"}],
+                    "rules": [to(paths=["/x"])],
+                },
+            ),
+            allow(to(paths=["/x"]), targetRefs=[{"kind": "Service", "name": "orders"}]),
+        ],
+        ["never allows"],
+    ),
+    (
         "DENY with a when is wider only if the ALLOW has the same condition",
         [
             deny({**to(paths=["/x"]), "when": [{"key": "request.headers[x-a]", "values": ["1"]}]}),

@@ -655,3 +655,14 @@ def test_output_headers_cannot_shadow_identity_headers(
     err = load_error(tmp_path)
     assert "ra.yaml:10:" in err.message  # the output field's own line
     assert fragment in err.message
+
+
+def test_a_policy_in_a_test_file_is_an_error_not_silently_skipped(tmp_path: Path) -> None:
+    (tmp_path / "deny.test.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: d, namespace: ns1}\nspec: {action: DENY, rules: [{}]}\n"
+    )
+    with pytest.raises(PolicySetError) as err:
+        PolicySet.load(tmp_path)
+    assert "deny.test.yaml" in str(err.value)
+    assert "never enforced: rename it" in str(err.value)

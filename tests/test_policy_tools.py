@@ -265,3 +265,25 @@ def test_headers_expectation_checks_values_and_absence(
     case["expect"]["headers"]["x-extauthz-spiffe-id"] = "spiffe://other"  # type: ignore[index]
     assert main(["policy", "test", str(_suite(tmp_path, [case]))]) == 1
     assert "expected header 'x-extauthz-spiffe-id'" in capsys.readouterr().out
+
+
+def test_explanations_never_show_credentials(tmp_path: Path) -> None:
+    policy = {
+        **ALLOW,
+        "spec": {
+            "rules": [
+                {
+                    "when": [
+                        {"key": "request.headers[authorization]", "values": ["Bearer x"]},
+                        {"key": "request.headers[cookie]", "values": ["a=b"]},
+                    ]
+                }
+            ]
+        },
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(policy))
+    auth = Authorizer(PolicySet.load(tmp_path), Settings(workload_namespace="ns1"))
+    headers = "headers: {authorization: Bearer s3cr3t, cookie: session=s3cr3t}\n"
+    text = "\n".join(auth.explain(probe(headers).input).lines())
+    assert "s3cr3t" not in text
+    assert "<redacted>" in text

@@ -42,6 +42,15 @@ spec:
 """
 
 
+DENY_Z = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-z, namespace: ns1}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/z"]}}]}]
+"""
+
 BROKEN = """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -158,6 +167,73 @@ async def test_damage_never_replaces_the_good_set(policy_dir: Path, damage: str)
     assert status.errors
     assert allowed(authorizer, "/a")
     assert not allowed(authorizer, "/z")
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "# only a comment\n", "---\n---\n"],
+    ids=["truncated", "comment-only", "empty-documents"],
+)
+async def test_a_file_that_lost_its_policies_is_refused(policy_dir: Path, content: str) -> None:
+    """A file caught mid-write must not silently drop its policies (a DENY, say)."""
+    write(policy_dir / "deny.yaml", DENY_Z)
+    authorizer, reloader = reloader_for(policy_dir)
+    assert not allowed(authorizer, "/z")
+    (policy_dir / "deny.yaml").write_text(content)
+    status = await reloader.reload()
+    assert not status.ok
+    assert any("deny.yaml" in e and "no longer holds any policy" in e for e in status.errors)
+    assert not allowed(authorizer, "/z")
+    (policy_dir / "p.yaml").write_text(content)  # now no policy at all
+    status = await reloader.reload()
+    assert not status.ok
+    assert "holds no policies at all" in status.errors[0]
+    assert allowed(authorizer, "/a")
+    (policy_dir / "deny.yaml").unlink()  # deleting a file is the explicit way
+    write(policy_dir / "p.yaml", allow_only("/z"))
+    status = await reloader.reload()
+    assert status.ok
+    assert allowed(authorizer, "/z")
+
+
+async def test_files_changing_during_a_load_are_read_again(policy_dir: Path) -> None:
+    """A set mixing two versions (a ConfigMap swap between two reads) is never installed."""
+    authorizer, reloader = reloader_for(policy_dir)
+    calls = []
+
+    def load_while_someone_writes(directory: Path, root_namespace: str) -> PolicySet:
+        calls.append(directory)
+        loaded = PolicySet.load(directory, root_namespace=root_namespace)
+        if len(calls) == 1:
+            write(policy_dir / "p.yaml", allow_only("/c"))  # lands after the read
+        return loaded
+
+    reloader.load = load_while_someone_writes  # type: ignore[method-assign]
+    write(policy_dir / "p.yaml", allow_only("/b"))
+    status = await reloader.reload()
+    assert status.ok
+    assert len(calls) == 2
+    assert allowed(authorizer, "/c")
+    assert not allowed(authorizer, "/b")
+
+
+async def test_files_that_never_settle_are_retried_at_the_next_poll(policy_dir: Path) -> None:
+    authorizer, reloader = reloader_for(policy_dir)
+    n = iter(range(100))
+
+    def always_changing(directory: Path, root_namespace: str) -> PolicySet:
+        loaded = PolicySet.load(directory, root_namespace=root_namespace)
+        write(policy_dir / "p.yaml", allow_only(f"/v{next(n)}"))
+        return loaded
+
+    reloader.load = always_changing  # type: ignore[method-assign]
+    write(policy_dir / "p.yaml", allow_only("/b"))
+    status = await reloader.reload()
+    assert not status.ok
+    assert "kept changing" in status.errors[0]
+    assert allowed(authorizer, "/a")
+    reloader.load = PolicySet.load  # type: ignore[method-assign]
+    assert (await reloader.reload()).ok  # retried although nothing changed since
 
 
 async def test_a_changed_jwks_file_triggers_a_reload(tmp_path: Path) -> None:

@@ -154,7 +154,9 @@ def _verified_claims(rec: Recorded, replay: Explanation) -> Mapping[str, Any] | 
     """
     assert rec.input is not None
     try:
-        workload = rec.policies.for_workload(replay.namespace, replay.labels)
+        workload = rec.policies.for_workload(
+            replay.namespace, replay.labels, replay.targets, remember=False
+        )
         hit = workload.verifier.find(rec.input)
     except ExtAuthzError:
         return None
@@ -194,6 +196,9 @@ async def _probe(
         node["namespace"] = desc.namespace
     if desc.HasField("labels"):
         node["labels"] = desc.labels
+    for key in ("service", "gateway"):
+        if desc.HasField(key):
+            node[key] = getattr(desc, key)
     try:
         probe = parse_probe(node)
     except ConfigError as exc:
@@ -299,4 +304,6 @@ def explanation_message(
         response.workload.namespace = explanation.namespace
     if explanation.labels is not None:
         response.workload.labels = explanation.labels
+    for kind, name in explanation.targets:
+        setattr(response.workload, kind.lower(), name)
     return response

@@ -114,7 +114,12 @@ _JWT_RULE_KEYS = (
 T = TypeVar("T")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
 RESERVED_HEADER_PREFIX = "x-extauthz-"  # extauthz's own identity headers
-_RESERVED_HEADERS = frozenset({"authorization", "host", "cookie", "x-forwarded-client-cert"})
+_RESERVED_HEADERS = frozenset(
+    {"authorization", "host", "cookie", "x-forwarded-client-cert"}
+    # hop-by-hop and framing headers: Envoy owns them
+    | {"content-length", "transfer-encoding", "connection", "te", "upgrade", "keep-alive"}
+    | {"proxy-connection"}
+)
 
 
 def _output_header(value: Any) -> str | None:

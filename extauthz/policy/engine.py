@@ -29,7 +29,7 @@ from .model import (
     Rule,
     Target,
 )
-from .source import load_text, policy_files
+from .source import load_text, misnamed_policies, policy_files
 
 log = logging.getLogger(__name__)
 
@@ -223,10 +223,19 @@ class PolicySet:
         return self.source.revision
 
     def for_workload(
-        self, namespace: str | None, labels: str | None, targets: frozenset[Target] = frozenset()
+        self,
+        namespace: str | None,
+        labels: str | None,
+        targets: frozenset[Target] = frozenset(),
+        *,
+        remember: bool = True,
     ) -> WorkloadPolicies:
         """The policies of the workload ``namespace`` + ``labels`` (``a=b,c=d`` or None) that
-        is reached as ``targets`` (the Service / Gateway names Envoy's route gives)."""
+        is reached as ``targets`` (the Service / Gateway names Envoy's route gives).
+
+        ``remember=False`` (explanations, tests of policies) leaves the memo alone, so that
+        made-up workloads cannot crowd out the ones Envoy asks about.
+        """
         key = (namespace, labels, targets)
         found = self._workloads.get(key)
         if found is not None:
@@ -252,7 +261,10 @@ class PolicySet:
                 "or gateway (context_extensions service / gateway)"
             )
         wp = WorkloadPolicies(authz, authn)
-        if len(self._workloads) < _MAX_WORKLOADS:
+        if remember:
+            if len(self._workloads) >= _MAX_WORKLOADS:
+                # Oldest first: bounded, and a new workload is still remembered.
+                self._workloads.pop(next(iter(self._workloads)), None)
             self._workloads[key] = wp  # a benign race: two threads build equal values
         return wp
 
@@ -329,6 +341,14 @@ class PolicySet:
                         authn.append(res)
             except PolicyError as exc:
                 errors.append(exc)
+        for path in misnamed_policies(directory):
+            errors.append(
+                PolicyError(
+                    "holds apiVersion/kind resources, but *.test.yaml files are policy test "
+                    "cases and are never enforced: rename it",
+                    file=str(path),
+                )
+            )
         if errors:
             raise PolicySetError(errors)
         for w in warnings:

@@ -12,9 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..decision import Decision
-from .model import Action, Attributes, AuthorizationPolicy, Clause, FieldCheck, Rule
+from .model import Action, Attributes, AuthorizationPolicy, Clause, FieldCheck, Rule, Target
 
 _ORDER = {Action.DENY: 0, Action.ALLOW: 1, Action.AUDIT: 2}
+# Request values an explanation never shows (explanations reach the admin service and logs).
+_SECRET_FIELDS = frozenset(
+    f"request.headers[{h}]"
+    for h in ("authorization", "proxy-authorization", "cookie", "x-forwarded-client-cert")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,16 @@ def _show(value: Any) -> str:
 
 
 def _check(check: FieldCheck, attrs: Attributes) -> CheckResult:
+    if check.field in _SECRET_FIELDS:
+        return CheckResult(
+            check.path,
+            check.line,
+            check.test(attrs),
+            check.field,
+            check.values,
+            check.negated,
+            "<redacted>",
+        )
     try:
         value = check.get(attrs)
         # a CEL condition's getter gives its own account: true, false or the error
@@ -162,13 +177,15 @@ class Explanation:
     principal: str
     request_principal: str
     policies: tuple[PolicyResult, ...]
+    targets: frozenset[Target] = frozenset()
 
     def lines(self) -> list[str]:
         d = self.decision
         where = f" ({d.policy} {d.rule})" if d.policy else ""
         out = [
             f"decision: {d.outcome.value.upper()} reason={d.reason}{where}",
-            f"workload: namespace={self.namespace or '-'} labels={self.labels or '-'}",
+            f"workload: namespace={self.namespace or '-'} labels={self.labels or '-'}"
+            + "".join(f" {kind.lower()}={name}" for kind, name in sorted(self.targets)),
             f"peer principal: {self.principal or '<none: no mTLS peer>'}",
             f"request principal: {self.request_principal or '<none: no token>'}",
         ]

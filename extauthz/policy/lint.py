@@ -118,10 +118,19 @@ def rule_covers(wide: Rule, narrow: Rule) -> bool:
 
 
 def _scope_covers(wide: Scope, narrow: Scope) -> bool:
+    """Every request the ``narrow`` scope selects, the ``wide`` one selects too."""
     if wide.namespace is not None and wide.namespace != narrow.namespace:
         return False
+    if wide.targets:
+        # A route may name a target without labels, or another target: only the same
+        # (or fewer) targets are surely covered.
+        return (
+            narrow.targets is not None and bool(narrow.targets) and narrow.targets <= wide.targets
+        )
     if not wide.match_labels:
         return True
+    if narrow.targets:
+        return False  # selected by target, whatever the labels
     labels = narrow.match_labels or {}
     return all(labels.get(k) == v for k, v in wide.match_labels.items())
 

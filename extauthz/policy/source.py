@@ -7,6 +7,7 @@ that validation can say ``policies/shop.yaml:14: rules[0].to[0].operation: unkno
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,3 +117,21 @@ def policy_files(directory: Path) -> list[Path]:
         and not p.name.endswith((".test.yaml", ".test.yml"))
     ]
     return sorted(files)
+
+
+_RESOURCE_LINE = re.compile(r"^(apiVersion|kind):", re.MULTILINE)
+
+
+def misnamed_policies(directory: Path) -> list[Path]:
+    """``*.test.yaml`` files that hold resources: skipped as tests, so never enforced."""
+    out: list[Path] = []
+    for p in sorted(directory.rglob("*.test.y*ml")):
+        if any(part.startswith(".") for part in p.relative_to(directory).parts):
+            continue
+        try:
+            text = p.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if _RESOURCE_LINE.search(text):
+            out.append(p)
+    return out

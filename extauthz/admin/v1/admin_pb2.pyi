@@ -35,7 +35,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, decision_id: _Optional[str] = ..., request: _Optional[_Union[RequestDescription, _Mapping]] = ..., check_request: _Optional[bytes] = ...) -> None: ...
 
 class RequestDescription(_message.Message):
-    __slots__ = ("method", "host", "path", "headers", "principal", "source_ip", "destination_ip", "destination_port", "sni", "token", "claims", "namespace", "labels")
+    __slots__ = ("method", "host", "path", "headers", "principal", "source_ip", "destination_ip", "destination_port", "sni", "token", "claims", "namespace", "labels", "service", "gateway")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,8 @@ class RequestDescription(_message.Message):
     CLAIMS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
     method: str
     host: str
     path: str
@@ -69,7 +71,9 @@ class RequestDescription(_message.Message):
     claims: _struct_pb2.Struct
     namespace: str
     labels: str
-    def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., principal: _Optional[str] = ..., source_ip: _Optional[str] = ..., destination_ip: _Optional[str] = ..., destination_port: _Optional[int] = ..., sni: _Optional[str] = ..., token: _Optional[str] = ..., claims: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., namespace: _Optional[str] = ..., labels: _Optional[str] = ...) -> None: ...
+    service: str
+    gateway: str
+    def __init__(self, method: _Optional[str] = ..., host: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., principal: _Optional[str] = ..., source_ip: _Optional[str] = ..., destination_ip: _Optional[str] = ..., destination_port: _Optional[int] = ..., sni: _Optional[str] = ..., token: _Optional[str] = ..., claims: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., namespace: _Optional[str] = ..., labels: _Optional[str] = ..., service: _Optional[str] = ..., gateway: _Optional[str] = ...) -> None: ...
 
 class Decision(_message.Message):
     __slots__ = ("id", "outcome", "reason", "message", "policy", "rule", "dry_run_allowed", "dry_run_policy", "audit", "policy_revision", "spiffe_id", "principal", "issuer", "subject")
@@ -104,12 +108,16 @@ class Decision(_message.Message):
     def __init__(self, id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., policy: _Optional[str] = ..., rule: _Optional[str] = ..., dry_run_allowed: _Optional[bool] = ..., dry_run_policy: _Optional[str] = ..., audit: _Optional[_Iterable[str]] = ..., policy_revision: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., principal: _Optional[str] = ..., issuer: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class Workload(_message.Message):
-    __slots__ = ("namespace", "labels")
+    __slots__ = ("namespace", "labels", "service", "gateway")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     labels: str
-    def __init__(self, namespace: _Optional[str] = ..., labels: _Optional[str] = ...) -> None: ...
+    service: str
+    gateway: str
+    def __init__(self, namespace: _Optional[str] = ..., labels: _Optional[str] = ..., service: _Optional[str] = ..., gateway: _Optional[str] = ...) -> None: ...
 
 class FieldCheck(_message.Message):
     __slots__ = ("path", "line", "passed", "field", "values", "negated", "actual", "description")
