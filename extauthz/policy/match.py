@@ -95,8 +95,10 @@ class PrincipalRegexMatcher:
 
 
 def _glob(value: str) -> str:
-    """A namespace value: ``*`` stands for any run of characters within one segment."""
-    return "[^/]+" if value == "*" else "[^/]*".join(map(re.escape, value.split("*")))
+    """A namespace value as Istio compiles it: each ``*`` becomes ``.*``, which may span
+    segments (so ``*a`` also matches ``.../ns/ns1/sa/...``). Narrower would let a DENY that
+    Istio applies miss."""
+    return ".*".join(map(re.escape, value.split("*")))
 
 
 def compile_namespaces(values: Sequence[str]) -> PrincipalRegexMatcher:
