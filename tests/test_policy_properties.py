@@ -71,8 +71,8 @@ REQUEST_PRINCIPALS = (
     f"{OTHER}/alice",
     "*",
 )
-# No '*' inside or at the start of a name: there Istio's '.*' spans segments (xfail example).
-NAMESPACES = ("ns1", "ns2", "ns*", "*")
+# Istio's '*' is '.*' and may span segments: "*a" also matches ".../ns/ns2/sa/...".
+NAMESPACES = ("ns1", "ns2", "ns*", "*", "*a", "n*2")
 SERVICE_ACCOUNTS = ("ns2/client", "ns1/a", "client", "a")  # bare: the policy's namespace
 HOSTS = ("example.com", "EXAMPLE.com", "*.example.com", "example.*", "example.com:*", "*")
 PORTS = ("8080", "9090")
