@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -239,11 +241,69 @@ def _string_list(value: Any) -> tuple[str, ...]:
     return ()
 
 
+class TokenCache:
+    """Verified tokens, so that a token seen again costs a dict lookup, not a signature check.
+
+    Bounded (least recently used goes first) and time-bounded: an entry lives until the
+    token's ``exp`` (plus the clock skew a fresh verification would allow) and at most
+    ``max_ttl`` seconds, and is not used before ``nbf`` minus the skew. One cache belongs to
+    one compiled policy set's verifier, so a reload (new keys, new rules) starts empty.
+    Only successes are cached: a bad token is verified, and refused, every time.
+    """
+
+    def __init__(self, max_entries: int = 10_000, max_ttl: float = 300.0) -> None:
+        self.max_entries = max_entries
+        self.max_ttl = max_ttl
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[str, TokenLocation], tuple[VerifiedToken, float, float]]
+        self._entries = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Forget every token (e.g. when the keys they were verified with may be gone)."""
+        self._entries.clear()
+
+    def get(self, token: str, location: TokenLocation, now: float) -> VerifiedToken | None:
+        key = (token, location)
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        verified, not_before, until = entry
+        if now >= until or now < not_before:
+            del self._entries[key]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return verified
+
+    def put(self, token: str, location: TokenLocation, verified: VerifiedToken, now: float) -> None:
+        if self.max_entries <= 0:
+            return
+        claims = verified.claims
+        until = now + self.max_ttl
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            until = min(until, exp + CLOCK_SKEW_SECONDS)
+        not_before = 0.0
+        if isinstance(nbf, int | float) and not isinstance(nbf, bool):
+            not_before = nbf - CLOCK_SKEW_SECONDS
+        self._entries[(token, location)] = (verified, not_before, until)
+        self._entries.move_to_end((token, location))
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
 class TokenVerifier:
     """The jwtRules that apply to one workload, indexed by issuer and by location."""
 
-    def __init__(self, providers: Iterable[JwtProvider]) -> None:
+    def __init__(self, providers: Iterable[JwtProvider], cache: TokenCache | None = None) -> None:
         self.providers = tuple(providers)
+        self.cache = cache if cache is not None else TokenCache()
         self._by_issuer: dict[str, JwtProvider] = {}
         for p in self.providers:
             # Two rules for one issuer: the first wins, as Envoy keeps the first provider.
@@ -290,6 +350,15 @@ class TokenVerifier:
         if hit is None:
             return None
         token, location = hit
+        now = time.time()
+        cached = self.cache.get(token, location, now)
+        if cached is not None:
+            return cached
+        verified = self._verify(token, location)
+        self.cache.put(token, location, verified, now)
+        return verified
+
+    def _verify(self, token: str, location: TokenLocation) -> VerifiedToken:
         header, payload = _peek(token)
         issuer = payload.get("iss")
         provider = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
