@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import Settings
 from .decision import Decision, Header, Outcome, new_decision_id
-from .errors import ExtAuthzError, IdentityError, SpiffeIdError
+from .errors import ExtAuthzError, IdentityError, SpiffeIdError, TrustDomainError
 from .identity import peer as peer_identity
 from .identity import spiffe
 from .identity.jwt import ClaimToHeader, VerifiedToken, claim_value
@@ -146,6 +146,8 @@ class Authorizer:
             trace.namespace, trace.labels, trace.targets = namespace, labels, targets
         workload = policies.for_workload(namespace, labels, targets, remember=trace is None)
         peer = peer_identity.resolve(inp)
+        if peer is not None and self.settings.trust_domains:
+            _check_trust_domain(peer, self.settings.trust_domains)
         if claims is not None:
             token: VerifiedToken | None = workload.verifier.assume(claims)
         else:
@@ -239,6 +241,19 @@ class _Trace:
     targets: frozenset[Target] = frozenset()
     attrs: Attributes | None = None
     workload: WorkloadPolicies | None = None
+
+
+def _check_trust_domain(peer: peer_identity.Peer, trusted: frozenset[str]) -> None:
+    """With an allow-list, only SPIFFE peers of those trust domains are callers at all."""
+    if peer.spiffe is None:
+        raise TrustDomainError(
+            f"peer {peer.principal!r} is not a SPIFFE ID; only trust domains "
+            f"{sorted(trusted)} are accepted"
+        )
+    if peer.spiffe.trust_domain not in trusted:
+        raise TrustDomainError(
+            f"trust domain {peer.spiffe.trust_domain!r} is not one of {sorted(trusted)}"
+        )
 
 
 def _namespace_of(principal: str) -> str | None:

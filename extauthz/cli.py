@@ -49,6 +49,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="trusted proxies in front of Envoy, for remote.ip (Istio numTrustedProxies)",
     )
     p.add_argument(
+        "--trust-domain",
+        dest="trust_domains",
+        action="append",
+        default=[],
+        metavar="TD",
+        help="accept only SPIFFE peers of this trust domain (repeat for several; default: any)",
+    )
+    p.add_argument(
         "--grace", type=float, default=5.0, help="seconds to drain in-flight checks on SIGTERM"
     )
     p.add_argument(
@@ -93,6 +101,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         workload_namespace=args.workload_namespace,
         workload_labels=args.workload_labels,
         xff_trusted_hops=args.xff_trusted_hops,
+        trust_domains=frozenset(args.trust_domains),
         grace_seconds=args.grace,
         reload_interval=args.reload_interval,
         admin_listen=getattr(args, "admin_listen", None),

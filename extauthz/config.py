@@ -26,6 +26,8 @@ class Settings:
     workload_namespace: str | None = None
     workload_labels: str | None = None
     xff_trusted_hops: int = 0
+    # SPIFFE trust domains whose peers are accepted; empty: any (mTLS already vouched).
+    trust_domains: frozenset[str] = frozenset()
     spiffe_id_header: str = SPIFFE_ID_HEADER
     grace_seconds: float = 5.0
     reload_interval: float = 2.0

@@ -81,6 +81,12 @@ class SpiffeIdError(IdentityError):
     reason = "spiffe_id_invalid"
 
 
+class TrustDomainError(IdentityError):
+    """The peer is not a SPIFFE ID of a trust domain this server was told to trust."""
+
+    reason = "spiffe_trust_domain_untrusted"
+
+
 class PeerCertificateError(IdentityError):
     """The peer certificate Envoy forwarded cannot be decoded or is not an X.509-SVID."""
 
