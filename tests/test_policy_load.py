@@ -67,6 +67,18 @@ BROKEN: list[tuple[str, str, int, str]] = [
         "YAML syntax error: mapping values are not allowed",
     ),
     (
+        "request-principal-star-star",
+        HEAD + "spec:\n  rules:\n  - from:\n    - source:\n        requestPrincipals: ['*/*']\n",
+        10,
+        "a request principal takes one '*', at its start or end",
+    ),
+    (
+        "request-principal-inner-star",
+        HEAD + "spec:\n  rules:\n  - from:\n    - source:\n        requestPrincipals: [i/*e]\n",
+        10,
+        "a request principal takes one '*'",
+    ),
+    (
         "unknown-source-field-did-you-mean",
         HEAD + "spec:\n  rules:\n  - from:\n    - source:\n        notPrincipal: [a]\n",
         10,

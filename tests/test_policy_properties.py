@@ -12,8 +12,9 @@ field and condition (see :func:`rule_probes`).
 Examples: 750 policy sets (up to 8 requests each) by default, about 25 s on 2 cores.
 ``HYPOTHESIS_PROFILE=long`` runs 5000; ``EXTAUTHZ_PROPERTY_EXAMPLES=<n>`` sets the number.
 
-Where extauthz differs from Istio's generated RBAC, the values are kept out of the
-vocabularies and each difference is pinned as a minimal xfail ``@example`` on the test.
+Disagreements found so far are kept as minimal ``@example``s on the test; values extauthz
+refuses at load (a request principal with a '*' inside, such as "*/*") are out of the
+vocabularies and tested in tests/test_policy_load.py.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ PRINCIPALS = (
     "*/sa/client",
     "*",
 )
-# Only forms where Istio's iss/sub split and extauthz's agree (see the xfail examples).
+# Forms extauthz accepts; a '*' inside a value is refused at load (test_policy_load.py).
 REQUEST_PRINCIPALS = (
     f"{IDP}/alice",
     f"{IDP}/*",
@@ -401,9 +402,7 @@ def _source(**fields: list[str]) -> dict[str, Any]:
 
 ALICE = {"iss": IDP, "sub": "alice"}
 
-# The xfail examples below are disagreements with Istio's generated RBAC, as minimal repros.
-# They fail strictly (an xfail example that passes is an error) until extauthz either follows
-# Istio or documents the difference, at which point the example goes.
+# The examples below are disagreements this test found, kept as minimal repros.
 
 
 # --- the property -------------------------------------------------------------------------
@@ -420,22 +419,12 @@ ALICE = {"iss": IDP, "sub": "alice"}
     docs=_policy("DENY", _source(namespaces=["ns1"])),
     reqs=[Request(peer="cluster.local/ns/ns2/sa/client/ns/ns1/x")],
 )
-# Istio matches only a leading or trailing '*' of the whole value; "*/*" is any issuer and the
-# subject "*" literally. extauthz reads a '*' at either end of issuer and subject: any token.
-@example(
-    docs=_policy("ALLOW", _source(requestPrincipals=["*/*"])), reqs=[Request(claims=ALICE)]
-).xfail(raises=AssertionError, reason="requestPrincipals '*/*': Istio's sub is the literal '*'")
-# A '*' inside the value is literal in Istio (docs/policies.md says extauthz refuses it); extauthz
-# accepts it and makes the subject a suffix match.
-@example(
-    docs=_policy("ALLOW", _source(requestPrincipals=[f"{IDP}/*e"])), reqs=[Request(claims=ALICE)]
-).xfail(raises=AssertionError, reason="requestPrincipals 'iss/*e': a mid-value '*' is literal")
-# Without a '/', Istio matches "https:*" as issuer prefix "https:" AND a non-empty subject;
-# extauthz prefix-matches the whole "iss/sub", so a token with an empty "sub" passes.
+# Without a '/', Istio matches "https:*" as issuer prefix "https:" AND a non-empty subject
+# (this example found extauthz letting an empty "sub" through).
 @example(
     docs=_policy("ALLOW", _source(requestPrincipals=["https:*"])),
     reqs=[Request(claims={"iss": IDP, "sub": ""})],
-).xfail(raises=AssertionError, reason="requestPrincipals without '/': Istio needs a non-empty sub")
+)
 # Istio turns each '*' of a namespace into '.*' inside ".*/ns/<ns>/.*", so "*a" also matches
 # "ns1/sa" of every standard principal (this example found extauthz keeping '*' in a segment).
 @example(

@@ -135,7 +135,8 @@ class RequestPrincipalMatcher:
             return True
         if any(mi(iss) and ms(sub) for mi, ms in self.parts):
             return True
-        return self.whole is not None and self.whole(f"{iss}/{sub}")
+        # Istio also asks for a non-empty issuer and subject here.
+        return self.whole is not None and bool(iss and sub) and self.whole(f"{iss}/{sub}")
 
 
 def compile_request_principals(values: Sequence[str]) -> RequestPrincipalMatcher:
@@ -144,6 +145,14 @@ def compile_request_principals(values: Sequence[str]) -> RequestPrincipalMatcher
     for v in values:
         if v == "*":
             continue
+        stars = v.count("*")
+        if stars > 1 or (stars == 1 and not (v.startswith("*") or v.endswith("*"))):
+            # Istio matches the whole "iss/sub" with one leading or trailing '*' and reads any
+            # other '*' literally ("*/*" is a subject of "*"): refuse rather than guess wider.
+            raise BadValue(
+                f"{v!r}: a request principal takes one '*', at its start or end "
+                "(write '*' for any token, 'iss/*' for any subject of an issuer)"
+            )
         iss, slash, sub = v.rpartition("/")
         if slash:
             parts.append((compile_strings([iss]), compile_strings([sub])))
