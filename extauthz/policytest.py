@@ -33,7 +33,7 @@ from .policy.engine import PolicySet
 from .policy.explain import Explanation
 from .policy.source import POLICY_SUFFIXES, Node, load_text
 from .probe import parse_probe
-from .response import OUTCOMES
+from .response import to_check_response
 
 _CASE_KEYS = ("name", "request", "expect")
 _EXPECT_KEYS = ("decision", "reason", "status", "policy", "rule", "dryRun", "audit", "headers")
@@ -91,14 +91,14 @@ def _keys(node: Any, allowed: tuple[str, ...], what: str) -> Node:
     return node
 
 
-def _headers_of(d: Decision) -> dict[str, str]:
+def _answer(d: Decision) -> tuple[int, dict[str, str]]:
+    """The HTTP status and headers as Envoy gets them: read from the real CheckResponse, so
+    a test asserts what the client (deny) or the upstream (allow) would see."""
+    resp = to_check_response(d)
     if d.allowed:
-        return dict(d.upstream_headers)
-    custom = d.deny_response
-    content_type = custom.content_type if custom else "application/json"
-    return dict(
-        (("content-type", content_type), *d.client_headers, *(custom.headers if custom else ()))
-    )
+        return 200, {h.header.key: h.header.value for h in resp.ok_response.headers}
+    denied = resp.denied_response
+    return denied.status.code, {h.header.key: h.header.value for h in denied.headers}
 
 
 def _compare(expect: Node, d: Decision) -> list[str]:
@@ -119,8 +119,7 @@ def _compare(expect: Node, d: Decision) -> list[str]:
     if "reason" in expect:
         differ("reason", expect["reason"], d.reason)
     if "status" in expect:
-        status = d.deny_response.status if d.deny_response else OUTCOMES[d.outcome].http_status
-        differ("status", expect["status"], status)
+        differ("status", expect["status"], _answer(d)[0])
     if "policy" in expect:
         differ("policy", expect["policy"], d.policy)
     if "rule" in expect:
@@ -134,7 +133,7 @@ def _compare(expect: Node, d: Decision) -> list[str]:
         want_headers = expect["headers"]
         if not isinstance(want_headers, Mapping):
             raise ConfigError(f"{expect.file}:{expect.line_of('headers')}: must be a map")
-        got = _headers_of(d)
+        got = _answer(d)[1]
         for name, value in want_headers.items():
             actual = got.get(str(name).lower())
             if value is None:  # `x-foo: null` asserts the header is absent
