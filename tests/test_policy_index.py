@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -582,30 +580,3 @@ def test_random_policy_sets_decide_as_a_linear_scan(
         a = attrs(principal, host, method, path)
         assert outcome(indexed.evaluate(a)) == reference(active, a)
         assert indexed.evaluate(a) == scan.evaluate(a)
-
-
-def test_the_scale_benchmark_runs(tmp_path: Path) -> None:
-    out = tmp_path / "scale.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.policy_scale",
-            "--sizes",
-            "10,100",
-            "--rounds",
-            "1",
-            "--n",
-            "20",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "µs per decision" in result.stdout
-    assert '"after_us"' in out.read_text()
