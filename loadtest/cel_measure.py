@@ -15,7 +15,7 @@ A library that is not installed is reported as such and skipped.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib.metadata
 import platform
 import statistics
 import subprocess
@@ -260,10 +260,20 @@ def measure_common_expression_language(n: int, rounds: int) -> dict[str, str]:
     }
 
 
-CANDIDATES: dict[str, tuple[str, Callable[[int, int], dict[str, str]]]] = {
-    "cel-expr-python": ("cel_expr_python", measure_cel_expr_python),
-    "common-expression-language": ("cel", measure_common_expression_language),
+CANDIDATES: dict[str, Callable[[int, int], dict[str, str]]] = {
+    "cel-expr-python": measure_cel_expr_python,
+    "common-expression-language": measure_common_expression_language,
 }
+
+
+def _installed(distribution: str) -> bool:
+    # By distribution, not module: xds-protos also ships a top-level ``cel`` package (the CEL
+    # protos), so ``import cel`` succeeds without common-expression-language.
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def main() -> None:
@@ -272,8 +282,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5000)
     args = ap.parse_args()
     columns: dict[str, dict[str, str]] = {}
-    for name, (module, measure) in CANDIDATES.items():
-        if importlib.util.find_spec(module) is None:
+    for name, measure in CANDIDATES.items():
+        if not _installed(name):
             print(f"{name}: not installed (pip install {name}); skipped")
             continue
         columns[name] = measure(args.n, args.rounds)
