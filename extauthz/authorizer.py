@@ -6,14 +6,16 @@ one reference swapped whole on reload, so a Check sees either the old set or the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
 from .config import Settings
 from .decision import Decision, Header, Outcome, new_decision_id
-from .errors import ExtAuthzError, IdentityError, SpiffeIdError, TrustDomainError
+from .errors import ExtAuthzError, IdentityError, SpiffeIdError, TokenError, TrustDomainError
 from .identity import peer as peer_identity
 from .identity import spiffe
 from .identity.jwt import ClaimToHeader, VerifiedToken, claim_value
@@ -61,6 +63,29 @@ class Authorizer:
     def check(self, inp: CheckInput) -> Decision:
         return self._decide(inp, None, None)
 
+    async def check_async(self, inp: CheckInput, *, wait: float) -> Decision:
+        """:meth:`check`, but a token signed by a key not fetched yet may wait for the keys.
+
+        When the issuer's keys come from the network and the token names an unknown ``kid``,
+        the JWKS is refetched early (rate-limited); this waits for that fetch at most ``wait``
+        seconds, without blocking the event loop, and decides once more on the same policy
+        snapshot. With nothing to wait for it is exactly :meth:`check`.
+        """
+        policies = self._policies
+        pending: list[Future[bool]] = []
+        decision = self._decide(inp, None, None, policies, pending)
+        if not pending or wait <= 0:
+            return decision
+        try:
+            fetched = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(pending[0])), timeout=wait
+            )
+        except TimeoutError:
+            return decision
+        if not fetched:
+            return decision
+        return self._decide(inp, None, None, policies)
+
     def explain(
         self,
         inp: CheckInput,
@@ -99,12 +124,15 @@ class Authorizer:
         claims: Mapping[str, Any] | None,
         trace: _Trace | None,
         snapshot: PolicySet | None = None,
+        refresh: list[Future[bool]] | None = None,
     ) -> Decision:
         decision_id = new_decision_id()
         policies = self._policies if snapshot is None else snapshot
         try:
             return self._check(inp, policies, decision_id, claims, trace)
         except ExtAuthzError as exc:
+            if refresh is not None and isinstance(exc, TokenError) and exc.refresh is not None:
+                refresh.append(exc.refresh)
             refused = self.refuse(exc, decision_id)
             if snapshot is None:
                 return refused

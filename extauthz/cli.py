@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__, policytest
 from .authorizer import Authorizer
 from .config import DEFAULT_LISTEN, Settings
 from .errors import ConfigError, PolicyError, PolicySetError
+from .identity.jwks import FetchSettings, KeySetRegistry
 from .policy.engine import DEFAULT_ROOT_NAMESPACE, PolicySet
 from .policy.lint import lint
 from .policy.source import load_text
@@ -59,12 +60,60 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grace", type=float, default=5.0, help="seconds to drain in-flight checks on SIGTERM"
     )
+    _jwks_args(p)
     p.add_argument(
         "--reload-interval",
         type=float,
         default=2.0,
         help="seconds between checks of --policies for changes (0: reload on SIGHUP only)",
     )
+
+
+def _jwks_args(p: argparse.ArgumentParser) -> None:
+    d = FetchSettings()
+    p.add_argument(
+        "--jwks-refresh-interval",
+        type=_seconds,
+        default=d.refresh_interval,
+        metavar="S",
+        help="longest a fetched JWKS is kept before it is fetched again; a longer max-age is "
+        f"cut to it (default {d.refresh_interval:g})",
+    )
+    p.add_argument(
+        "--jwks-min-refetch-interval",
+        type=_seconds,
+        default=d.min_refetch_interval,
+        metavar="S",
+        help="shortest time between two fetches of one JWKS, and so the rate limit of the "
+        f"refetch an unknown kid triggers (default {d.min_refetch_interval:g})",
+    )
+    p.add_argument(
+        "--jwks-timeout",
+        type=_seconds,
+        default=d.timeout,
+        metavar="S",
+        help="timeout of one JWKS or discovery request (a jwtRule's timeout overrides it); "
+        f"also the longest a Check waits for an unknown kid's refetch (default {d.timeout:g})",
+    )
+    p.add_argument(
+        "--jwks-ca-file",
+        metavar="PEM",
+        help="CA bundle to verify https JWKS/OIDC endpoints with (default: the system's)",
+    )
+
+
+def _number(text: str, convert: Callable[[str], float], minimum: float, what: str) -> float:
+    try:
+        value = convert(text)
+    except ValueError:
+        value = minimum - 1
+    if not value >= minimum:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    return _number(text, float, 0.001, "seconds > 0")
 
 
 def _admin_args(p: argparse.ArgumentParser) -> None:
@@ -84,13 +133,7 @@ def _admin_args(p: argparse.ArgumentParser) -> None:
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return int(_number(text, int, 0, "a number >= 0"))
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -102,6 +145,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         workload_labels=args.workload_labels,
         xff_trusted_hops=args.xff_trusted_hops,
         trust_domains=frozenset(args.trust_domains),
+        jwks=FetchSettings(
+            refresh_interval=args.jwks_refresh_interval,
+            min_refetch_interval=min(args.jwks_min_refetch_interval, args.jwks_refresh_interval),
+            timeout=args.jwks_timeout,
+            ca_file=args.jwks_ca_file,
+        ),
         grace_seconds=args.grace,
         reload_interval=args.reload_interval,
         admin_listen=getattr(args, "admin_listen", None),
@@ -109,15 +158,17 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def load_policies(settings: Settings) -> PolicySet:
+def load_policies(settings: Settings, keys: KeySetRegistry | None = None) -> PolicySet:
     if settings.policies is None:
         return PolicySet.empty()
-    return PolicySet.load(settings.policies, root_namespace=settings.root_namespace)
+    return PolicySet.load(settings.policies, root_namespace=settings.root_namespace, keys=keys)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    policies = load_policies(settings)
+    keys = KeySetRegistry(settings.jwks)
+    policies = load_policies(settings, keys)
+    keys.retain(policies.key_sets)
     if settings.policies is None:
         log.warning("no --policies: every request is allowed and no token is checked")
     if settings.workload_namespace is not None:
@@ -130,6 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.policies,
             root_namespace=settings.root_namespace,
             interval=settings.reload_interval,
+            keys=keys,
         )
         if settings.policies is not None
         else None
@@ -143,7 +195,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_listen=settings.admin_listen,
         recent_decisions=settings.recent_decisions,
     )
-    asyncio.run(run(server))
+    try:
+        asyncio.run(run(server))
+    finally:
+        keys.close()
     return 0
 
 
@@ -185,13 +240,18 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    authorizer = Authorizer(load_policies(settings), settings)
     text = sys.stdin.read() if str(args.request) == "-" else args.request.read_text()
     docs = list(load_text(text, str(args.request)))
     if len(docs) != 1:
         raise ConfigError(f"{args.request}: expected one request description")
     probe = parse_probe(docs[0].body)
-    explanation = authorizer.explain(probe.input, claims=probe.claims)
+    # A real token needs the real keys: fetch remote JWKS unless claims stand in for it.
+    keys = KeySetRegistry(settings.jwks, live=probe.claims is None)
+    try:
+        authorizer = Authorizer(load_policies(settings, keys), settings)
+        explanation = authorizer.explain(probe.input, claims=probe.claims)
+    finally:
+        keys.close()
     print("\n".join(explanation.lines()))
     return 0 if explanation.decision.allowed else 2
 

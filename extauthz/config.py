@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .identity.jwks import FetchSettings
 from .policy.engine import DEFAULT_ROOT_NAMESPACE
 
 DEFAULT_LISTEN = "127.0.0.1:9191"
@@ -28,6 +29,8 @@ class Settings:
     xff_trusted_hops: int = 0
     # SPIFFE trust domains whose peers are accepted; empty: any (mTLS already vouched).
     trust_domains: frozenset[str] = frozenset()
+    # Remote JWKS / OIDC discovery: refresh interval, unknown-kid rate limit, timeout, CA file.
+    jwks: FetchSettings = field(default_factory=FetchSettings)
     spiffe_id_header: str = SPIFFE_ID_HEADER
     grace_seconds: float = 5.0
     reload_interval: float = 2.0

@@ -7,6 +7,8 @@ meaning once released; add new ones instead.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 
 class ExtAuthzError(Exception):
     """Base of every error extauthz raises on purpose."""
@@ -87,6 +89,12 @@ class TrustDomainError(IdentityError):
     reason = "spiffe_trust_domain_untrusted"
 
 
+class XfccError(IdentityError):
+    """An x-forwarded-client-cert header that extauthz was told to trust cannot be parsed."""
+
+    reason = "xfcc_invalid"
+
+
 class PeerCertificateError(IdentityError):
     """The peer certificate Envoy forwarded cannot be decoded or is not an X.509-SVID."""
 
@@ -94,9 +102,20 @@ class PeerCertificateError(IdentityError):
 
 
 class TokenError(IdentityError):
-    """A JWT is present but not acceptable. Subclasses name the exact failure."""
+    """A JWT is present but not acceptable. Subclasses name the exact failure.
+
+    ``refresh`` is set when the issuer's keys come from the network and an early refetch was
+    granted because of this token (an unknown ``kid``): the caller may wait for it, bounded,
+    and decide once more with the new keys.
+    """
 
     reason = "jwt_invalid"
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, refresh: Future[bool] | None = None
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.refresh = refresh
 
 
 class TokenMalformedError(TokenError):
@@ -118,9 +137,15 @@ class TokenAlgorithmError(TokenError):
 
 
 class TokenKeyUnknownError(TokenError):
-    """No key in the provider's JWKS matches the token's ``kid``/algorithm."""
+    """No key of the issuer matches the token's ``kid`` and algorithm."""
 
     reason = "jwt_key_unknown"
+
+
+class JwksUnavailableError(TokenKeyUnknownError):
+    """The issuer's keys come from the network and none have been fetched yet."""
+
+    reason = "jwks_unavailable"
 
 
 class TokenSignatureError(TokenError):

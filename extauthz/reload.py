@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .authorizer import Authorizer
 from .errors import PolicyError, PolicySetError
+from .identity.jwks import KeySetRegistry
 from .policy.engine import PolicySet
 from .policy.model import Target
 from .policy.source import policy_files
@@ -68,10 +69,13 @@ class PolicyReloader:
         *,
         root_namespace: str,
         interval: float = 2.0,
+        keys: KeySetRegistry | None = None,
     ) -> None:
         self.authorizer = authorizer
         self.directory = directory
         self.root_namespace = root_namespace
+        # Remote JWKS shared with the set in force: a reload reuses fetched keys.
+        self.keys = keys
         self.interval = interval
         self.load = PolicySet.load  # a seam for tests
         # Called after every reload attempt, right after the swap (no await in between).
@@ -153,7 +157,7 @@ class PolicyReloader:
         """Load a set whose files did not change while they were read, and check it."""
         for _ in range(_ATTEMPTS):
             before = fingerprint(self.directory, current.source.dependencies)
-            loaded = self.load(self.directory, root_namespace=self.root_namespace)
+            loaded = self.load(self.directory, root_namespace=self.root_namespace, keys=self.keys)
             # A file rewritten, or a ConfigMap's ..data swapped, between two reads would
             # give a set mixing two versions (a DENY moved between files could vanish).
             if fingerprint(self.directory, current.source.dependencies) == before:
@@ -168,6 +172,9 @@ class PolicyReloader:
         return loaded, fingerprint(self.directory, loaded.source.dependencies)
 
     async def _publish(self, status: ReloadStatus) -> None:
+        if self.keys is not None:
+            # After every attempt: a failed load may have started fetches nobody will read.
+            self.keys.retain(self.authorizer.policies.key_sets)
         self.status = status
         for listener in self.listeners:
             await listener(status)

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 POLICY_HEALTH_SERVICE = "extauthz.policy"  # NOT_SERVING while the last reload failed
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Time kept back from Envoy's deadline to send the answer: a late deny is an RPC error.
+DEADLINE_MARGIN_SECONDS = 0.02
 
 # Built at import: the answer of last resort must not itself be able to fail.
 _LAST_RESORT = to_check_response(
@@ -68,7 +70,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         snapshot = self.authorizer.policies if self.recent is not None else None
         try:
             if inp is not None:
-                decision = self.authorizer.check(inp)
+                decision = await self.authorizer.check_async(inp, wait=_key_wait(self, context))
             response = to_check_response(decision)
         except Exception:
             log.exception("cannot build CheckResponse; denying")
@@ -83,6 +85,16 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         except Exception:
             log.exception("telemetry failed for decision %s", decision.decision_id)
         return response
+
+
+def _key_wait(servicer: AuthorizationServicer, context: Any) -> float:
+    """How long a Check may wait for an early JWKS refetch: the fetch timeout, within the
+    deadline Envoy set for this call."""
+    wait = servicer.authorizer.settings.jwks.timeout
+    remaining = context.time_remaining()
+    if remaining is not None:
+        wait = min(wait, remaining - DEADLINE_MARGIN_SECONDS)
+    return wait
 
 
 class Server:

@@ -74,10 +74,13 @@ def _substitute(node: Any, values: dict[str, str]) -> Any:
 
 
 class _Context:
-    """The one thing the servicer asks of a gRPC context."""
+    """What the servicer asks of a gRPC context: metadata and the deadline (none here)."""
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return ()
+
+    def time_remaining(self) -> float | None:
+        return None
 
 
 def _decide(authorizer: Authorizer, request: Any) -> Any:

@@ -332,16 +332,28 @@ BROKEN: list[tuple[str, str, int, str]] = [
         "spec.jwtRules[0].jwksUri: cannot read",
     ),
     (
-        "jwks-uri-http",
-        RA_HEAD + "    jwksUri: http://idp.test/keys\n",
+        "jwks-uri-without-host",
+        RA_HEAD + "    jwksUri: https:///keys\n",
         9,
-        "fetching JWKS over http(s) is not supported yet",
+        "spec.jwtRules[0].jwksUri: has no host",
     ),
     (
-        "jwks-uri-https",
-        RA_HEAD + "    jwksUri: https://idp.test/keys\n",
+        "jwks-uri-ftp",
+        RA_HEAD + "    jwksUri: ftp://idp.test/keys\n",
         9,
-        "fetching JWKS over http(s) is not supported yet",
+        "spec.jwtRules[0].jwksUri: unsupported scheme 'ftp'",
+    ),
+    (
+        "jwt-rule-timeout-not-a-duration",
+        RA_HEAD + "    jwksUri: https://idp.test/keys\n    timeout: 5\n",
+        10,
+        "spec.jwtRules[0].timeout: must be a positive duration",
+    ),
+    (
+        "jwt-rule-timeout-zero",
+        RA_HEAD + "    jwksUri: https://idp.test/keys\n    timeout: 0s\n",
+        10,
+        "spec.jwtRules[0].timeout: must be a positive duration",
     ),
     (
         "jwks-bad-json",
@@ -362,10 +374,10 @@ BROKEN: list[tuple[str, str, int, str]] = [
         "spec.jwtRules[0].jwks: must be a JSON string",
     ),
     (
-        "jwt-rule-without-keys",
-        RA_HEAD + "    audiences: [a]\n",
+        "jwt-rule-without-keys-and-not-discoverable",
+        RA_HEAD.replace("https://idp.test", "idp-test") + "    audiences: [a]\n",
         8,
-        "needs jwks or jwksUri",
+        "needs jwks or jwksUri, or an http(s) issuer to discover",
     ),
     (
         "jwt-rule-unknown-field",

@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -201,9 +202,9 @@ async def test_files_changing_during_a_load_are_read_again(policy_dir: Path) -> 
     authorizer, reloader = reloader_for(policy_dir)
     calls = []
 
-    def load_while_someone_writes(directory: Path, root_namespace: str) -> PolicySet:
+    def load_while_someone_writes(directory: Path, **kwargs: Any) -> PolicySet:
         calls.append(directory)
-        loaded = PolicySet.load(directory, root_namespace=root_namespace)
+        loaded = PolicySet.load(directory, **kwargs)
         if len(calls) == 1:
             write(policy_dir / "p.yaml", allow_only("/c"))  # lands after the read
         return loaded
@@ -221,8 +222,8 @@ async def test_files_that_never_settle_are_retried_at_the_next_poll(policy_dir: 
     authorizer, reloader = reloader_for(policy_dir)
     n = iter(range(100))
 
-    def always_changing(directory: Path, root_namespace: str) -> PolicySet:
-        loaded = PolicySet.load(directory, root_namespace=root_namespace)
+    def always_changing(directory: Path, **kwargs: Any) -> PolicySet:
+        loaded = PolicySet.load(directory, **kwargs)
         write(policy_dir / "p.yaml", allow_only(f"/v{next(n)}"))
         return loaded
 

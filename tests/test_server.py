@@ -31,6 +31,9 @@ class BrokenAuthorizer(Authorizer):
     def check(self, inp: CheckInput) -> Decision:
         raise RuntimeError("boom")
 
+    async def check_async(self, inp: CheckInput, *, wait: float) -> Decision:
+        raise RuntimeError("boom")
+
 
 class ExplodingPolicies(PolicySet):
     """A policy set whose lookup fails: stands in for any bug on the decision path."""

@@ -7,6 +7,7 @@ never use these certificates or this module for anything that needs real trust.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -108,6 +109,7 @@ class DevCA:
         common_name: str,
         uris: Sequence[str] = (),
         dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[str] = (),
         days: int = 1,
     ) -> KeyPair:
         """Issue a leaf (non-CA) TLS client+server certificate with arbitrary SANs.
@@ -121,6 +123,7 @@ class DevCA:
         )
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
         sans += [x509.DNSName(d) for d in dns_names]
+        sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
         now = dt.datetime.now(dt.UTC)
         builder = (
             x509.CertificateBuilder()

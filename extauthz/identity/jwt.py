@@ -20,13 +20,14 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl
 
 import jwt
 
 from ..errors import (
     JwksError,
+    JwksUnavailableError,
     TokenAlgorithmError,
     TokenAudienceError,
     TokenClaimsError,
@@ -40,6 +41,9 @@ from ..errors import (
     TokenSignatureError,
 )
 from ..request import CheckInput
+
+if TYPE_CHECKING:
+    from .jwks import RemoteKeySet
 
 CLOCK_SKEW_SECONDS = 60  # Envoy jwt_authn's default clock_skew_seconds
 MAX_TOKEN_BYTES = 64 * 1024
@@ -153,6 +157,8 @@ class JwtProvider:
     output_payload_to_header: str = ""
     forward_original_token: bool = False
     source: str = ""
+    # jwksUri over http(s) or OIDC discovery: keys fetched in the background; ``keys`` is empty.
+    remote: RemoteKeySet | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +173,7 @@ class VerifiedToken:
     provider: JwtProvider
     location: TokenLocation
     payload_segment: str  # base64url payload, for outputPayloadToHeader; not a credential
+    key_revision: int = 0  # of the provider's remote keys when verified: newer keys retire it
 
     @property
     def principal(self) -> str:
@@ -273,7 +280,12 @@ class TokenCache:
             self.misses += 1
             return None
         verified, not_before, until = entry
-        if now >= until or now < not_before:
+        remote = verified.provider.remote
+        if (
+            now >= until
+            or now < not_before
+            or (remote is not None and remote.state.revision != verified.key_revision)
+        ):
             del self._entries[key]
             self.misses += 1
             return None
@@ -372,13 +384,30 @@ class TokenVerifier:
         if not isinstance(alg, str) or alg not in provider.algorithms:
             raise TokenAlgorithmError(f"token algorithm {alg!r} is not allowed")
         kid = header.get("kid")
-        candidates = [k for k in provider.keys if alg in k.algorithms]
+        remote = provider.remote
+        keys, revision = remote.state if remote is not None else (provider.keys, 0)
+        if remote is not None and not keys:
+            raise JwksUnavailableError(
+                f"keys of issuer {issuer!r} are not available "
+                f"({remote.last_error or 'first fetch pending'})",
+                refresh=remote.request_refresh(),
+            )
+        candidates = [k for k in keys if alg in k.algorithms]
         if kid is not None:
             # As Envoy's jwt_verify_lib: a key without a kid may verify a token with one.
             candidates = [k for k in candidates if k.kid is None or k.kid == kid]
         if not candidates:
-            raise TokenKeyUnknownError(f"no {alg} key with kid {kid!r} for issuer {issuer!r}")
-        claims = _decode(token, alg, candidates, provider)
+            raise TokenKeyUnknownError(
+                f"no {alg} key with kid {kid!r} for issuer {issuer!r}",
+                refresh=remote.request_refresh() if remote is not None else None,
+            )
+        try:
+            claims = _decode(token, alg, candidates, provider)
+        except TokenSignatureError as exc:
+            if remote is not None and kid is None:
+                # No kid to tell a rotated key by: a bad signature may mean keys we lack.
+                exc.refresh = remote.request_refresh()
+            raise
         subject = claims.get("sub", "")
         azp = claims.get("azp", "")
         if not isinstance(subject, str) or not isinstance(azp, str):
@@ -392,6 +421,7 @@ class TokenVerifier:
             provider=provider,
             location=location,
             payload_segment=token.split(".", 2)[1],
+            key_revision=revision,
         )
 
     def assume(self, claims: Mapping[str, Any]) -> VerifiedToken:

@@ -19,10 +19,12 @@ from urllib.parse import urlparse
 
 from ..decision import DenyResponse, Header
 from ..errors import JwksError, PolicyError, PolicySetError
+from ..identity.jwks import KeySetRegistry, RemoteKeySet
 from ..identity.jwt import (
     DEFAULT_LOCATIONS,
     SUPPORTED_ALGORITHMS,
     ClaimToHeader,
+    Jwk,
     JwtProvider,
     TokenLocation,
     claim_value,
@@ -146,12 +148,19 @@ class _Meta:
 class _Ctx:
     """Where we are in a resource, to prefix every error."""
 
-    def __init__(self, file: str, resource: str) -> None:
+    def __init__(self, file: str, resource: str, keys: KeySetRegistry | None = None) -> None:
         self.file = file
         self.resource = resource
+        self._keys = keys
         self.extended = False  # an extauthz.io resource: extension fields are allowed
         self.action = Action.ALLOW
         self.reads: list[Path] = []  # files besides the policy file (jwksUri), for reload
+
+    @property
+    def keys(self) -> KeySetRegistry:
+        if self._keys is None:
+            self._keys = KeySetRegistry(live=False)  # compiling alone never touches the network
+        return self._keys
 
     def error(self, node: Any, path: str, message: str, key: str | None = None) -> PolicyError:
         line = 0
@@ -191,12 +200,14 @@ def compile_resource(
     root_namespace: str,
     base_dir: Path,
     reads: list[Path] | None = None,
+    keys: KeySetRegistry | None = None,
 ) -> AuthorizationPolicy | RequestAuthentication | str:
     """Compile one YAML document. Returns a warning string for resources extauthz ignores.
 
-    Other files the resource reads (``jwksUri``) are appended to ``reads``.
+    Other files the resource reads (``jwksUri``) are appended to ``reads``; remote key sets
+    (http(s) ``jwksUri``, OIDC discovery) come from ``keys``, which fetches them when live.
     """
-    ctx = _Ctx(file, "resource")
+    ctx = _Ctx(file, "resource", keys)
     if reads is not None:
         ctx.reads = reads
     node = _check_keys(ctx, body, "", _RESOURCE_KEYS)
@@ -748,6 +759,9 @@ def _jwt_rule(
         else frozenset()
     )
     where = f"{ctx.file}:{node.line}"
+    timeout = _duration(ctx, node, "timeout", path) if "timeout" in node else None
+    keys: tuple[Jwk, ...] = ()
+    remote: RemoteKeySet | None = None
     try:
         if "jwks" in node and "jwksUri" in node:
             raise ctx.error(node, path, "set jwks or jwksUri, not both", "jwks")
@@ -756,12 +770,23 @@ def _jwt_rule(
                 raise ctx.error(node, f"{path}.jwks", "must be a JSON string", "jwks")
             keys = compile_jwks(node["jwks"], source=f"{where}: {path}.jwks")
         elif "jwksUri" in node:
-            keys = compile_jwks(
-                _read_jwks_uri(ctx, node, path, base_dir), source=f"{where}: {path}.jwksUri"
-            )
+            uri = _jwks_uri(ctx, node, path)
+            if uri.startswith(("https://", "http://")):
+                remote = ctx.keys.key_set(uri, discovery=False, timeout=timeout)
+            else:
+                keys = compile_jwks(
+                    _read_jwks_file(ctx, node, path, uri, base_dir),
+                    source=f"{where}: {path}.jwksUri",
+                )
+        elif issuer.startswith(("https://", "http://")):
+            # Istio: without jwks and jwksUri, the keys come from the issuer's OIDC discovery.
+            remote = ctx.keys.key_set(issuer, discovery=True, timeout=timeout)
         else:
             raise ctx.error(
-                node, path, "needs jwks or jwksUri (OIDC discovery is not supported yet)"
+                node,
+                path,
+                "needs jwks or jwksUri, or an http(s) issuer to discover the keys of "
+                "(OpenID Connect discovery)",
             )
     except JwksError as exc:
         raise ctx.error(node, path, exc.message.split(": ", 2)[-1], "jwks") from None
@@ -788,23 +813,25 @@ def _jwt_rule(
         output_payload_to_header=payload_header,
         forward_original_token=forward,
         source=where,
+        remote=remote,
     )
 
 
-def _read_jwks_uri(ctx: _Ctx, node: Node, path: str, base_dir: Path) -> str:
+def _jwks_uri(ctx: _Ctx, node: Node, path: str) -> str:
     uri = node["jwksUri"]
     if not isinstance(uri, str) or not uri:
         raise ctx.error(node, f"{path}.jwksUri", "must be a URI string", "jwksUri")
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        raise ctx.error(
-            node,
-            f"{path}.jwksUri",
-            "fetching JWKS over http(s) is not supported yet; use jwks (inline) or a file:// URI",
-            "jwksUri",
-        )
-    if parsed.scheme not in ("file", ""):
-        raise ctx.error(node, f"{path}.jwksUri", f"unsupported scheme {parsed.scheme!r}")
+        if not parsed.hostname:
+            raise ctx.error(node, f"{path}.jwksUri", "has no host", "jwksUri")
+    elif parsed.scheme not in ("file", ""):
+        raise ctx.error(node, f"{path}.jwksUri", f"unsupported scheme {parsed.scheme!r}", "jwksUri")
+    return uri
+
+
+def _read_jwks_file(ctx: _Ctx, node: Node, path: str, uri: str, base_dir: Path) -> str:
+    parsed = urlparse(uri)
     file_path = Path(parsed.path if parsed.scheme == "file" else uri)
     if not file_path.is_absolute():
         file_path = base_dir / file_path
@@ -815,6 +842,22 @@ def _read_jwks_uri(ctx: _Ctx, node: Node, path: str, base_dir: Path) -> str:
         raise ctx.error(
             node, f"{path}.jwksUri", f"cannot read {file_path}: {exc.strerror}", "jwksUri"
         ) from None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(ctx: _Ctx, node: Node, key: str, path: str) -> float:
+    """A duration such as ``5s``, ``1.5s``, ``250ms``, ``10m`` (protobuf JSON writes ``Ns``)."""
+    value = node[key]
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    seconds = float(match[1]) * _DURATION_UNITS[match[2]] if match else 0.0
+    if seconds <= 0:
+        raise ctx.error(
+            node, f"{path}.{key}", "must be a positive duration like 5s, 250ms or 10m", key
+        )
+    return seconds
 
 
 def _locations(ctx: _Ctx, node: Node, path: str) -> tuple[TokenLocation, ...]:

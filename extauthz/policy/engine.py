@@ -17,6 +17,7 @@ from types import MappingProxyType
 
 from ..decision import DenyResponse, Header
 from ..errors import PolicyError, PolicySetError, WorkloadUnknownError
+from ..identity.jwks import KeySetRegistry, RemoteKeySet
 from ..identity.jwt import TokenVerifier
 from .compile import compile_resource
 from .index import LINEAR_BELOW, RuleIndex
@@ -282,12 +283,26 @@ class PolicySet:
     def empty(cls) -> PolicySet:
         return cls((), (), PolicySource((), "empty"))
 
+    @property
+    def key_sets(self) -> tuple[RemoteKeySet, ...]:
+        """The remote JWKS this set's RequestAuthentications read (each once)."""
+        found = {id(p.remote): p.remote for a in self.authn for p in a.providers if p.remote}
+        return tuple(found.values())
+
     @classmethod
-    def load(cls, directory: Path, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+    def load(
+        cls,
+        directory: Path,
+        *,
+        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+        keys: KeySetRegistry | None = None,
+    ) -> PolicySet:
         """Load and compile every policy file below ``directory``.
 
         All problems of all files are collected into one :class:`PolicySetError`; nothing is
-        half-loaded.
+        half-loaded. With a live ``keys`` registry, remote JWKS are fetched and their first
+        fetch awaited (bounded by the fetch timeout): this runs at start-up or in the reload
+        thread, never on the request path. Without one, nothing touches the network.
         """
         files = policy_files(directory)
         errors: list[PolicyError] = []
@@ -314,6 +329,7 @@ class PolicySet:
                             root_namespace=root_namespace,
                             base_dir=path.parent,
                             reads=reads,
+                            keys=keys,
                         )
                     except PolicyError as exc:
                         errors.append(exc)
@@ -363,4 +379,14 @@ class PolicySet:
             tuple(warnings),
             tuple(sorted({str(p) for p in reads})),
         )
-        return cls(authz, authn, source)
+        loaded = cls(authz, authn, source)
+        if keys is not None:
+            for missing in keys.wait_ready(loaded.key_sets):
+                # Not an error: the IdP may come back; until then its tokens get a 401.
+                log.warning(
+                    "JWKS %s: no keys yet (%s); tokens of this issuer are refused until a "
+                    "fetch succeeds",
+                    missing.describe,
+                    missing.last_error or "first fetch still running",
+                )
+        return loaded
