@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,9 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from extauthz import policytest
+from extauthz import cli, policytest
 from extauthz.authorizer import Authorizer
 from extauthz.config import Settings
 from extauthz.decision import Decision, Outcome
@@ -30,10 +34,12 @@ from extauthz.identity.mint import (
     load_signing_key,
     request_audience,
 )
+from extauthz.jwks_server import JwksServer
 from extauthz.policy.engine import PolicySet
 from extauthz.request import CheckInput
 from extauthz.response import to_check_response
-from extauthz.telemetry import span_attributes
+from extauthz.server import Server
+from extauthz.telemetry import Telemetry, span_attributes
 
 EXT = "extauthz.io/v1alpha1"
 ISS = "https://idp.test"
@@ -205,7 +211,17 @@ def test_defaults_and_a_bare_token_key(tmp_path: Path) -> None:
 # --- minted content -----------------------------------------------------------------------
 
 
-def test_the_minted_token_verifies_with_the_published_key(tmp_path: Path) -> None:
+@pytest.fixture
+def jwks_server() -> Iterator[JwksServer]:
+    server = JwksServer("127.0.0.1:0", KEY, "extauthz")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_the_minted_token_verifies_against_the_served_jwks(
+    tmp_path: Path, jwks_server: JwksServer
+) -> None:
     auth = authorizer(
         tmp_path,
         request_authentication(),
@@ -218,7 +234,12 @@ def test_the_minted_token_verifies_with_the_published_key(tmp_path: Path) -> Non
     decision = auth.check(request(original))
     assert decision.allowed, decision
     minted = bearer(decision)
-    claims = decode(minted)
+    # As an upstream would: fetch the JWKS over HTTP, pick the key by kid.
+    client = jwt.PyJWKClient(f"http://127.0.0.1:{jwks_server.port}/.well-known/jwks.json")
+    signing = client.get_signing_key_from_jwt(minted)
+    claims = jwt.decode(
+        minted, signing.key, algorithms=["ES256"], audience="orders.shop", issuer="extauthz"
+    )
     assert jwt.get_unverified_header(minted) == {"alg": "ES256", "kid": KEY.kid, "typ": "JWT"}
     assert claims.pop("exp") - claims.pop("iat") == 60
     assert len(claims.pop("jti")) == 32
@@ -574,3 +595,101 @@ def test_unusable_signing_keys_are_refused_naming_the_flag(
     assert message in err.value.message
     assert err.value.message.startswith(f"--signing-key {path}: ")
     assert err.value.reason == "signing_key_invalid"
+
+
+# --- the JWKS listener and the CLI -------------------------------------------------------------
+
+
+def _get(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, method=method)  # noqa: S310 (a local http:// URL)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_the_jwks_listener_serves_the_key_and_discovery(jwks_server: JwksServer) -> None:
+    base = f"http://127.0.0.1:{jwks_server.port}"
+    status, headers, body = _get(f"{base}/.well-known/jwks.json")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "public, max-age=300"
+    assert headers["Server"] == "extauthz"
+    assert json.loads(body) == {"keys": [dict(KEY.public_jwk)]}
+    status, _, body = _get(f"{base}/.well-known/openid-configuration")
+    assert json.loads(body) == {"issuer": "extauthz", "jwks_uri": f"{base}/.well-known/jwks.json"}
+    status, headers, body = _get(f"{base}/.well-known/jwks.json", method="HEAD")
+    assert (status, body) == (200, b"")
+    for path in ("/", "/jwks.json", "/.well-known/jwks.json/x"):
+        assert _get(f"{base}{path}")[0] == 404
+
+
+def test_a_url_issuer_puts_the_jwks_under_itself() -> None:
+    server = JwksServer("127.0.0.1:0", KEY, "https://extauthz.shop.svc:9193")
+    server.start()
+    try:
+        _, _, body = _get(f"http://127.0.0.1:{server.port}/.well-known/openid-configuration")
+    finally:
+        server.stop()
+    assert json.loads(body)["jwks_uri"] == "https://extauthz.shop.svc:9193/.well-known/jwks.json"
+    with pytest.raises(urllib.error.URLError):
+        _get(f"http://127.0.0.1:{server.port}/.well-known/jwks.json")  # stopped: port closed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--jwks-listen", "127.0.0.1:0"], "--jwks-listen needs --signing-key"),
+        (["--signing-key", "/nonexistent/key.pem"], "--signing-key /nonexistent/key.pem: cannot"),
+        (["--signing-key", "KEY", "--jwks-listen", "unix:/x"], "expected HOST:PORT"),
+        (["--signing-key", "KEY", "--token-issuer", ""], "--token-issuer must not be empty"),
+    ],
+)
+def test_serve_refuses_bad_token_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    key = tmp_path / "key.pem"
+    key.write_bytes(_pem(ec.generate_private_key(ec.SECP256R1())))
+    args = [str(key) if a == "KEY" else a for a in argv]
+    assert cli.main(["serve", "--listen", "127.0.0.1:0", *args]) == 1
+    assert message in capsys.readouterr().err
+
+
+# --- through the real gRPC server ----------------------------------------------------------
+
+
+async def test_the_check_response_carries_the_minted_header(tmp_path: Path) -> None:
+    auth = authorizer(
+        tmp_path,
+        policy(minting({"audience": "orders", "header": "x-upstream-token"})),
+        minter=TokenMinter(KEY),
+    )
+    jwks = JwksServer("127.0.0.1:0", KEY, "extauthz")
+    server = Server(auth, Telemetry(None), listen="127.0.0.1:0", grace=1.0, jwks=jwks)
+    await server.start()
+    try:
+        req = external_auth_pb2.CheckRequest()
+        req.attributes.source.principal = CALLER
+        http = req.attributes.request.http
+        http.method, http.host, http.path = "GET", "orders.shop", "/orders/1"
+        http.headers["x-upstream-token"] = "forged"
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            resp = await stub.Check(req, timeout=5)
+        headers = {h.header.key: h.header.value for h in resp.ok_response.headers}
+        client = jwt.PyJWKClient(f"http://127.0.0.1:{jwks.port}/.well-known/jwks.json")
+        minted = headers["x-upstream-token"]
+        claims = jwt.decode(
+            minted,
+            client.get_signing_key_from_jwt(minted).key,
+            algorithms=[KEY.algorithm],
+            audience="orders",
+            issuer="extauthz",
+        )
+        assert claims["sub"] == CALLER
+    finally:
+        await server.stop()
+    assert resp.status.code == 0
+    with pytest.raises(urllib.error.URLError):
+        _get(f"http://127.0.0.1:{jwks.port}/.well-known/jwks.json")  # stopped with the server
