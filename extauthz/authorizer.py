@@ -15,10 +15,20 @@ from typing import Any
 
 from .config import Settings
 from .decision import Decision, Header, Outcome, new_decision_id
-from .errors import ExtAuthzError, IdentityError, SpiffeIdError, TokenError, TrustDomainError
+from .errors import (
+    ExtAuthzError,
+    IdentityError,
+    SpiffeIdError,
+    TokenError,
+    TokenMintError,
+    TokenSigningUnconfiguredError,
+    TrustDomainError,
+    UnavailableError,
+)
 from .identity import peer as peer_identity
 from .identity import spiffe
 from .identity.jwt import ClaimToHeader, VerifiedToken, claim_value
+from .identity.mint import TokenMinter, TokenSpec, request_audience, token_header
 from .policy.engine import PolicySet, WorkloadPolicies
 from .policy.explain import Explanation, explain_policies
 from .policy.model import Attributes, Target
@@ -36,9 +46,17 @@ _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F)) - {"\t"}
 class Authorizer:
     """Turns one :class:`CheckInput` into one :class:`Decision`; never raises."""
 
-    def __init__(self, policies: PolicySet, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        policies: PolicySet,
+        settings: Settings | None = None,
+        *,
+        minter: TokenMinter | None = None,
+    ) -> None:
         self._policies = policies
         self.settings = settings or Settings()
+        # Signs the tokens ``token:`` rules ask for; None: such rules fail closed (503).
+        self.minter = minter
 
     @property
     def policies(self) -> PolicySet:
@@ -49,10 +67,17 @@ class Authorizer:
         self._policies = policies
 
     def refuse(self, exc: ExtAuthzError, decision_id: str = "") -> Decision:
-        """The deny for an error: 401 for identity failures, 403 for everything else."""
+        """The deny for an error: 401 for identity failures, 503 when extauthz's own
+        configuration cannot carry out the policy, 403 for everything else."""
         identity = isinstance(exc, IdentityError)
+        if identity:
+            outcome = Outcome.UNAUTHENTICATED
+        elif isinstance(exc, UnavailableError):
+            outcome = Outcome.ERROR
+        else:
+            outcome = Outcome.PERMISSION_DENIED
         return Decision(
-            Outcome.UNAUTHENTICATED if identity else Outcome.PERMISSION_DENIED,
+            outcome,
             exc.reason,
             exc.message,
             decision_id or new_decision_id(),
@@ -216,8 +241,16 @@ class Authorizer:
                 deny_response=verdict.deny_response,
                 **common,
             )
+        minted: Header | None = None
+        audience = ""
+        if verdict.token is not None:
+            try:
+                audience, minted = self._mint(verdict.token, inp, peer, token, cached=trace is None)
+            except ExtAuthzError as exc:
+                # The rule allowed, but not without the token it promised the upstream.
+                return replace(self.refuse(exc, decision_id), **common)
         upstream, remove = self._upstream_headers(
-            workload, peer, token, decision_id, verdict.headers
+            workload, peer, token, decision_id, verdict.headers, minted
         )
         return Decision(
             Outcome.ALLOW,
@@ -226,8 +259,41 @@ class Authorizer:
             decision_id,
             upstream_headers=upstream,
             remove_headers=remove,
+            token_audience=audience,
             **common,
         )
+
+    def _mint(
+        self,
+        spec: TokenSpec,
+        inp: CheckInput,
+        peer: peer_identity.Peer | None,
+        token: VerifiedToken | None,
+        *,
+        cached: bool,
+    ) -> tuple[str, Header]:
+        """The audience and the header of the token ``spec`` asks for; raise if none can be."""
+        if self.minter is None:
+            raise TokenSigningUnconfiguredError(
+                "the allowing rule mints a token for the upstream, but the server runs "
+                "without --signing-key"
+            )
+        actor = peer.spiffe.uri if peer is not None and peer.spiffe is not None else ""
+        subject = (token.subject if token is not None else "") or actor
+        if not subject:
+            raise TokenMintError(
+                "the allowing rule mints a token, but the caller has neither a token subject "
+                "nor a SPIFFE ID to put in it"
+            )
+        audience = spec.audience or request_audience(inp.host)
+        if not audience:
+            raise TokenMintError(
+                "the allowing rule mints a token for the request's host, but it has none"
+            )
+        jwt = self.minter.mint(
+            spec, audience=audience, subject=subject, actor=actor, original=token, cached=cached
+        )
+        return audience, token_header(spec, jwt)
 
     def _upstream_headers(
         self,
@@ -236,8 +302,13 @@ class Authorizer:
         token: VerifiedToken | None,
         decision_id: str,
         rule_headers: tuple[Header, ...],
+        minted: Header | None = None,
     ) -> tuple[tuple[Header, ...], tuple[str, ...]]:
-        managed = workload.verifier.output_headers | {self.settings.spiffe_id_header}
+        managed = (
+            workload.verifier.output_headers
+            | workload.token_headers
+            | {self.settings.spiffe_id_header}
+        )
         # A policy's static header never stands in for an identity header left unset.
         out: list[Header] = [h for h in rule_headers if h[0] not in managed]
         remove: list[str] = []
@@ -249,8 +320,17 @@ class Authorizer:
                     out.append((item.header, value))
             if provider.output_payload_to_header:
                 out.append((provider.output_payload_to_header, token.payload_segment))
-            if not provider.forward_original_token and token.location.kind == "header":
-                remove.append(token.location.name)
+            if token.location.kind == "header":
+                # Beside a minted token the original goes upstream only if asked for and
+                # under another name; in the same header the minted one replaces it.
+                keep = provider.forward_original_token and (
+                    minted is None or minted[0] != token.location.name
+                )
+                if not keep:
+                    remove.append(token.location.name)
+        if minted is not None:
+            out = [h for h in out if h[0] != minted[0]]
+            out.append(minted)
         # Written last so that they win even if a claim header had the same name.
         out.append((DECISION_ID_HEADER, decision_id))
         if peer is not None and peer.spiffe is not None:
@@ -258,7 +338,8 @@ class Authorizer:
         # Strip every identity header a caller could have forged and we did not set.
         written = {k for k, _ in out}
         remove.extend(sorted(managed - written))
-        return tuple(out), tuple(remove)
+        # Envoy removes after it sets: a header both written and removed would be lost.
+        return tuple(out), tuple(h for h in remove if h not in written)
 
 
 class _Trace:

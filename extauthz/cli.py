@@ -14,6 +14,8 @@ from .authorizer import Authorizer
 from .config import DEFAULT_LISTEN, Settings
 from .errors import ConfigError, PolicyError, PolicySetError
 from .identity.jwks import FetchSettings, KeySetRegistry
+from .identity.mint import DEFAULT_ISSUER, TokenMinter, load_signing_key
+from .jwks_server import JwksServer
 from .policy.engine import DEFAULT_ROOT_NAMESPACE, PolicySet
 from .policy.lint import lint
 from .policy.source import load_text
@@ -60,16 +62,37 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grace", type=float, default=5.0, help="seconds to drain in-flight checks on SIGTERM"
     )
-    _jwks_args(p)
+    _jwks_fetch_args(p)
     p.add_argument(
         "--reload-interval",
         type=float,
         default=2.0,
         help="seconds between checks of --policies for changes (0: reload on SIGHUP only)",
     )
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        metavar="PATH",
+        help="PEM private key (EC P-256/P-384, RSA >= 2048, Ed25519) that signs the tokens "
+        "'token:' rules mint (default: none; such rules then answer 503)",
+    )
+    p.add_argument(
+        "--token-issuer",
+        default=DEFAULT_ISSUER,
+        help=f"'iss' of minted tokens (default: {DEFAULT_ISSUER})",
+    )
 
 
-def _jwks_args(p: argparse.ArgumentParser) -> None:
+def _jwks_listen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--jwks-listen",
+        metavar="HOST:PORT",
+        help="serve the --signing-key's public JWKS over HTTP here, for upstreams to verify "
+        "minted tokens (default: off)",
+    )
+
+
+def _jwks_fetch_args(p: argparse.ArgumentParser) -> None:
     d = FetchSettings()
     p.add_argument(
         "--jwks-refresh-interval",
@@ -155,7 +178,19 @@ def _settings(args: argparse.Namespace) -> Settings:
         reload_interval=args.reload_interval,
         admin_listen=getattr(args, "admin_listen", None),
         recent_decisions=getattr(args, "recent_decisions", 1024),
+        signing_key=args.signing_key,
+        token_issuer=args.token_issuer,
+        jwks_listen=getattr(args, "jwks_listen", None),
     )
+
+
+def token_minter(settings: Settings) -> TokenMinter | None:
+    """The minter of ``--signing-key`` (read here, once), or None without one."""
+    if settings.signing_key is None:
+        return None
+    if not settings.token_issuer:
+        raise ConfigError("--token-issuer must not be empty")
+    return TokenMinter(load_signing_key(settings.signing_key), settings.token_issuer)
 
 
 def load_policies(settings: Settings, keys: KeySetRegistry | None = None) -> PolicySet:
@@ -174,7 +209,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.workload_namespace is not None:
         # Select and index the default workload's policies before the first request.
         policies.warm([(settings.workload_namespace, settings.workload_labels, frozenset())])
-    authorizer = Authorizer(policies, settings)
+    minter = token_minter(settings)
+    jwks = None
+    if settings.jwks_listen is not None:
+        if minter is None:
+            raise ConfigError("--jwks-listen needs --signing-key: there is no key to publish")
+        jwks = JwksServer(settings.jwks_listen, minter.key, minter.issuer)
+    if minter is None and policies.mints_tokens:
+        log.warning(
+            "policies have 'token:' rules but there is no --signing-key: "
+            "the requests they allow are answered 503 token_signing_unconfigured"
+        )
+    authorizer = Authorizer(policies, settings, minter=minter)
     reloader = (
         PolicyReloader(
             authorizer,
@@ -194,6 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reload=reloader,
         admin_listen=settings.admin_listen,
         recent_decisions=settings.recent_decisions,
+        jwks=jwks,
     )
     try:
         asyncio.run(run(server))
@@ -248,7 +295,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     # A real token needs the real keys: fetch remote JWKS unless claims stand in for it.
     keys = KeySetRegistry(settings.jwks, live=probe.claims is None)
     try:
-        authorizer = Authorizer(load_policies(settings, keys), settings)
+        authorizer = Authorizer(
+            load_policies(settings, keys), settings, minter=token_minter(settings)
+        )
         explanation = authorizer.explain(probe.input, claims=probe.claims)
     finally:
         keys.close()
@@ -270,6 +319,7 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the ext_authz gRPC server")
     _serve_args(serve)
     _admin_args(serve)
+    _jwks_listen_args(serve)
     serve.set_defaults(func=cmd_serve)
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .identity.jwks import FetchSettings
+from .identity.mint import DEFAULT_ISSUER
 from .policy.engine import DEFAULT_ROOT_NAMESPACE
 
 DEFAULT_LISTEN = "127.0.0.1:9191"
@@ -18,7 +19,8 @@ class Settings:
 
     ``workload_namespace``/``workload_labels`` name the protected workload when Envoy's
     ``context_extensions`` do not (one extauthz per sidecar); ``xff_trusted_hops`` is Istio's
-    ``numTrustedProxies`` for ``remote.ip``/``remoteIpBlocks``.
+    ``numTrustedProxies`` for ``remote.ip``/``remoteIpBlocks``. ``signing_key`` (a PEM file
+    read once at start), ``token_issuer`` and ``jwks_listen`` configure token exchange.
     """
 
     listen: str = DEFAULT_LISTEN
@@ -38,3 +40,8 @@ class Settings:
     # explain by id (0: none are recorded).
     admin_listen: str | None = None
     recent_decisions: int = 1024
+    # Token exchange: the key minted tokens are signed with (None: rules that mint fail
+    # closed), their ``iss``, and the HTTP listener serving the public key (None: off).
+    signing_key: Path | None = None
+    token_issuer: str = DEFAULT_ISSUER
+    jwks_listen: str | None = None

@@ -40,6 +40,7 @@ class Decision:
     ``upstream_headers``/``remove_headers`` apply on allow (to the request going upstream);
     ``client_headers`` go to the caller on deny (e.g. ``www-authenticate``);
     ``deny_response``, set by an ``extauthz.io`` policy, replaces the default deny status/body.
+    ``token_audience`` is the ``aud`` of the token minted for the upstream ("" if none).
     """
 
     outcome: Outcome
@@ -60,6 +61,7 @@ class Decision:
     remove_headers: tuple[str, ...] = ()
     client_headers: tuple[Header, ...] = ()
     deny_response: DenyResponse | None = None
+    token_audience: str = ""
 
     @property
     def allowed(self) -> bool:

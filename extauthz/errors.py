@@ -62,6 +62,13 @@ class JwksError(ExtAuthzError):
     reason = "jwks_invalid"
 
 
+class SigningKeyError(ConfigError):
+    """``--signing-key`` cannot be read, is not a private key, or is of a type or size
+    extauthz does not sign with (EC P-256/P-384, RSA >= 2048 bits, Ed25519)."""
+
+    reason = "signing_key_invalid"
+
+
 # --- request-time failures: each becomes a deny ------------------------------------------
 
 
@@ -182,6 +189,30 @@ class TokenMultipleError(TokenError):
     """The request carries more than one distinct token; extauthz will not guess which counts."""
 
     reason = "jwt_multiple"
+
+
+class TokenMintError(ExtAuthzError):
+    """A rule asks for a minted token but the request gives nothing to mint it from: no caller
+    identity for ``sub`` (neither a token subject nor a SPIFFE ID), or no host for the default
+    ``aud``. Denied (403): an allow without the token the rule promised the upstream would
+    reach it unauthenticated."""
+
+    reason = "token_mint_refused"
+
+
+class UnavailableError(ExtAuthzError):
+    """extauthz cannot carry out what a policy asks because of its own configuration, not the
+    caller: a 503, as for an internal error, so that it shows up as a server fault."""
+
+    reason = "authorization_unavailable"
+
+
+class TokenSigningUnconfiguredError(UnavailableError):
+    """A rule asks for a minted token but the server runs without ``--signing-key``. The policy
+    set loads (``policy lint`` compiles it without server flags) and every decision that needs
+    the token fails closed with this reason."""
+
+    reason = "token_signing_unconfigured"
 
 
 class WorkloadUnknownError(ExtAuthzError):

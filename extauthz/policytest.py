@@ -29,6 +29,7 @@ from .authorizer import Authorizer
 from .config import Settings
 from .decision import Decision, Outcome
 from .errors import ConfigError, PolicyError
+from .identity.mint import SigningKey, TokenMinter
 from .policy.engine import PolicySet
 from .policy.explain import Explanation
 from .policy.source import POLICY_SUFFIXES, Node, load_text
@@ -162,8 +163,13 @@ def run(directory: Path, *, settings: Settings | None = None, match: str | None 
     A policy set that does not load raises :class:`~extauthz.errors.PolicySetError`.
     """
     settings = settings or Settings()
+    # Rules that mint a token decide as on a server with a signing key: the cases test the
+    # policies, not the server's flags (a throwaway key, so no case depends on a real one).
+    minter = TokenMinter(SigningKey.generate(), settings.token_issuer)
     authorizer = Authorizer(
-        PolicySet.load(directory, root_namespace=settings.root_namespace), settings
+        PolicySet.load(directory, root_namespace=settings.root_namespace),
+        settings,
+        minter=minter,
     )
     wanted = re.compile(match) if match else None
     report = Report()

@@ -23,6 +23,7 @@ from .admin.recent import DEFAULT_CAPACITY, RecentDecisions
 from .authorizer import Authorizer
 from .decision import Decision, Outcome
 from .errors import ConfigError, ExtAuthzError
+from .jwks_server import JwksServer
 from .reload import PolicyReloader, ReloadStatus
 from .request import CheckInput, from_check_request
 from .response import to_check_response
@@ -101,7 +102,8 @@ class Server:
     """One grpc.aio server with Check, health and reflection, and graceful shutdown.
 
     With ``admin_listen``, a second server on that address serves the admin service
-    (:mod:`extauthz.admin.service`), and Check records its last ``recent_decisions``.
+    (:mod:`extauthz.admin.service`), and Check records its last ``recent_decisions``. With
+    ``jwks``, the HTTP listener of the minted tokens' key set starts and stops with it.
     """
 
     def __init__(
@@ -114,8 +116,10 @@ class Server:
         reload: PolicyReloader | None = None,
         admin_listen: str | None = None,
         recent_decisions: int = DEFAULT_CAPACITY,
+        jwks: JwksServer | None = None,
     ) -> None:
         self.authorizer = authorizer
+        self.jwks = jwks
         self.telemetry = telemetry
         self.listen = listen
         self.grace = grace
@@ -168,6 +172,15 @@ class Server:
                 await server.stop(None)
                 raise
             await self._admin.start()
+        if self.jwks is not None:
+            try:
+                self.jwks.start()
+            except BaseException:
+                await server.stop(None)
+                if self._admin is not None:
+                    await self._admin.stop(None)
+                    self._admin = None
+                raise
         await server.start()
         for service in ("", AUTHORIZATION_SERVICE, POLICY_HEALTH_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -244,6 +257,9 @@ class Server:
         else:
             await self._server.stop(self.grace)
         self._server = None
+        if self.jwks is not None:
+            # Last: upstreams may still verify tokens minted for the checks that drained.
+            await asyncio.to_thread(self.jwks.stop)
         self.telemetry.shutdown()
         log.info("extauthz stopped")
 

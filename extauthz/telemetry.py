@@ -209,6 +209,7 @@ def span_attributes(decision: Decision, inp: CheckInput | None) -> Mapping[str, 
         "extauthz.jwt.issuer": decision.issuer,
         "extauthz.jwt.subject": decision.subject,
         "extauthz.dry_run.policy": decision.dry_run_policy,
+        "extauthz.token.audience": decision.token_audience,
     }
     attrs.update({k: v for k, v in optional.items() if v})
     if decision.audit:

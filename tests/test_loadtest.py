@@ -42,3 +42,11 @@ def test_the_cel_measurement_runs() -> None:
     stdout = run_benchmark("cel_measure", "--rounds", "1", "--n", "20")
     assert "cel-expr-python" in stdout
     assert "refused" in stdout  # the compile-time checks the choice rests on
+
+
+def test_the_mint_measurement_runs(tmp_path: Path) -> None:
+    out = tmp_path / "mint.json"
+    stdout = run_benchmark("mint_measure", "--rounds", "1", "--n", "8", "--json", str(out))
+    assert "cache hit" in stdout
+    assert "RS256" in stdout
+    assert '"results_us"' in out.read_text()

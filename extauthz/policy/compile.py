@@ -30,6 +30,14 @@ from ..identity.jwt import (
     claim_value,
     compile_jwks,
 )
+from ..identity.mint import (
+    AUTHORIZATION_HEADER,
+    DEFAULT_TTL_SECONDS,
+    MAX_TTL_SECONDS,
+    RESERVED_CLAIMS,
+    TokenSpec,
+    parse_duration,
+)
 from .cel import compile_cel
 from .match import (
     BadValue,
@@ -67,7 +75,8 @@ ALGORITHMS_ANNOTATION = "extauthz.io/jwt-algorithms"
 _RESOURCE_KEYS = ("apiVersion", "kind", "metadata", "spec", "status")
 _AUTHZ_SPEC_KEYS = ("selector", "targetRef", "targetRefs", "action", "provider", "rules")
 _EXT_SPEC_KEYS = (*_AUTHZ_SPEC_KEYS, "denyResponse")
-_EXT_RULE_KEYS = ("from", "to", "when", "headers")
+_EXT_RULE_KEYS = ("from", "to", "when", "headers", "token")
+_TOKEN_KEYS = ("claims", "audience", "header", "ttl")
 _DENY_RESPONSE_KEYS = ("status", "headers", "body")
 # envoy.type.v3.StatusCode at or above 300: Envoy refuses any other code in a deny.
 _DENY_STATUSES = frozenset(
@@ -442,6 +451,11 @@ def _rule(ctx: _Ctx, node: Any, index: int, fallback_line: int, namespace: str |
         if ctx.action is not Action.ALLOW:
             raise ctx.error(node, f"{path}.headers", "only an ALLOW rule adds headers", "headers")
         headers = _header_values(ctx, node, "headers", path)
+    token = _token_spec(ctx, node, path) if "token" in node else None
+    if token is not None and any(name == token.header for name, _ in headers):
+        raise ctx.error(
+            node, f"{path}.headers", f"{token.header!r} is where the minted token goes", "headers"
+        )
     sources = _entries(ctx, node, "from", "source", _SOURCE_FIELDS, path, namespace)
     operations = _entries(ctx, node, "to", "operation", _OPERATION_FIELDS, path, namespace)
     when = node.get("when") or []
@@ -452,7 +466,61 @@ def _rule(ctx: _Ctx, node: Any, index: int, fallback_line: int, namespace: str |
         for i, c in enumerate(when)
         for check in _condition(ctx, c, f"{path}.when[{i}]", namespace)
     )
-    return Rule(index, node.line, sources, operations, Clause(f"{path}.when", conditions), headers)
+    return Rule(
+        index, node.line, sources, operations, Clause(f"{path}.when", conditions), headers, token
+    )
+
+
+def _token_spec(ctx: _Ctx, rule: Node, rule_path: str) -> TokenSpec:
+    """``token:``: mint a JWT for the upstream when this (ALLOW) rule allows."""
+    path = f"{rule_path}.token"
+    if ctx.action is not Action.ALLOW:
+        raise ctx.error(rule, path, "only an ALLOW rule mints a token", "token")
+    node = rule["token"]
+    if node is None:  # `token:` with nothing after it: every default
+        return TokenSpec()
+    node = _check_keys(ctx, node, path, _TOKEN_KEYS)
+    claims = node.get("claims", [])
+    if not isinstance(claims, list) or not all(isinstance(c, str) and c for c in claims):
+        raise ctx.error(node, f"{path}.claims", "must be a list of claim names", "claims")
+    reserved = sorted(RESERVED_CLAIMS.intersection(claims))
+    if reserved:
+        raise ctx.error(
+            node,
+            f"{path}.claims",
+            f"{reserved} are set by extauthz on every minted token and cannot be copied "
+            f"(reserved: {', '.join(sorted(RESERVED_CLAIMS))})",
+            "claims",
+        )
+    if len(set(claims)) != len(claims):
+        raise ctx.error(node, f"{path}.claims", "names a claim twice", "claims")
+    audience = node.get("audience", "")
+    if "audience" in node and (
+        not isinstance(audience, str) or not audience or not audience.isprintable()
+    ):
+        raise ctx.error(node, f"{path}.audience", "must be a non-empty string", "audience")
+    header = node.get("header", AUTHORIZATION_HEADER)
+    name = header.lower() if isinstance(header, str) else ""
+    # authorization is the one reserved header a minted token may replace.
+    if name != AUTHORIZATION_HEADER and _output_header(header) is None:
+        raise ctx.error(
+            node,
+            f"{path}.header",
+            f"must be authorization or a header name, not {RESERVED_HEADER_PREFIX}* or another "
+            "reserved header",
+            "header",
+        )
+    ttl = DEFAULT_TTL_SECONDS
+    if "ttl" in node:
+        text = node["ttl"]
+        try:
+            # A bare number is refused: 60 could mean seconds or minutes to the reader.
+            ttl = parse_duration(text if isinstance(text, str) else repr(text))
+        except ValueError as exc:
+            raise ctx.error(node, f"{path}.ttl", str(exc), "ttl") from None
+        if not 0 < ttl <= MAX_TTL_SECONDS:
+            raise ctx.error(node, f"{path}.ttl", f"{text} is not between 1s and 1h", "ttl")
+    return TokenSpec(tuple(claims), audience, name, ttl)
 
 
 def _entries(

@@ -19,6 +19,7 @@ from ..decision import DenyResponse, Header
 from ..errors import PolicyError, PolicySetError, WorkloadUnknownError
 from ..identity.jwks import KeySetRegistry, RemoteKeySet
 from ..identity.jwt import TokenVerifier
+from ..identity.mint import AUTHORIZATION_HEADER, TokenSpec
 from .compile import compile_resource
 from .index import LINEAR_BELOW, RuleIndex
 from .model import (
@@ -49,6 +50,7 @@ class Verdict:
     audit: tuple[str, ...] = ()
     dry_run: Verdict | None = None
     headers: tuple[Header, ...] = ()  # the allowing rule's extension headers
+    token: TokenSpec | None = None  # the allowing rule's token to mint
     deny_response: DenyResponse | None = None
 
 
@@ -117,7 +119,13 @@ class _Enforcement:
         if allow_hit is not None:
             policy, rule = allow_hit
             return Verdict(
-                True, "allowed_by_policy", policy.key, rule.name, audit, headers=rule.headers
+                True,
+                "allowed_by_policy",
+                policy.key,
+                rule.name,
+                audit,
+                headers=rule.headers,
+                token=rule.token,
             )
         return Verdict(
             False, "no_allow_policy_matched", audit=audit, deny_response=self.no_match_response
@@ -170,6 +178,16 @@ class WorkloadPolicies:
         # Istio's shadow rules: what the decision would be if dry-run policies were enforced.
         self.shadow = _Enforcement.of(authz) if any(p.dry_run for p in authz) else None
         self.verifier = TokenVerifier(p for ra in authn for p in ra.providers)
+        # Where this workload's rules put minted tokens: a caller must never supply one. Not
+        # authorization: that is the caller's own credential, the RequestAuthentication's to
+        # verify and strip.
+        self.token_headers = frozenset(
+            r.token.header
+            for p in authz
+            if p.action is Action.ALLOW
+            for r in p.rules
+            if r.token is not None and r.token.header != AUTHORIZATION_HEADER
+        )
 
     def evaluate(self, attrs: Attributes) -> Verdict:
         verdict = self.enforced.evaluate(attrs)
@@ -184,6 +202,7 @@ class WorkloadPolicies:
             verdict.audit,
             dry_run=shadow,
             headers=verdict.headers,
+            token=verdict.token,
             deny_response=verdict.deny_response,
         )
 
@@ -222,6 +241,11 @@ class PolicySet:
     @property
     def revision(self) -> str:
         return self.source.revision
+
+    @property
+    def mints_tokens(self) -> bool:
+        """Whether a rule asks for a minted token (the server then needs ``--signing-key``)."""
+        return any(r.token is not None for p in self.authz for r in p.rules)
 
     def for_workload(
         self,

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..decision import DenyResponse, Header
 from ..identity.jwt import JwtProvider, VerifiedToken
+from ..identity.mint import TokenSpec
 from ..request import CheckInput
 from .match import IPAddress, parse_ip
 
@@ -114,7 +115,8 @@ class Clause:
 class Rule:
     """``from`` entries OR'ed, ``to`` entries OR'ed, ``when`` conditions AND'ed; all AND'ed.
 
-    ``headers`` (an ``extauthz.io`` extension, ALLOW only) go upstream when this rule allows.
+    ``headers`` and ``token`` (``extauthz.io`` extensions, ALLOW only): the headers and the
+    minted token that go upstream when this rule allows.
     """
 
     index: int
@@ -123,6 +125,7 @@ class Rule:
     operations: tuple[Clause, ...]
     conditions: Clause
     headers: tuple[Header, ...] = ()
+    token: TokenSpec | None = None
 
     @property
     def name(self) -> str:
