@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -51,7 +50,6 @@ _THUMBPRINT_MEMBERS = {
     "RSA": ("e", "kty", "n"),
     "OKP": ("crv", "kty", "x"),
 }
-_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -68,15 +66,6 @@ class TokenSpec:
     audience: str = ""
     header: str = AUTHORIZATION_HEADER
     ttl: int = DEFAULT_TTL_SECONDS
-
-
-def parse_duration(text: str) -> int:
-    """``60s``, ``5m``, ``1h``, ``1m30s`` into seconds; ValueError for anything else."""
-    m = _DURATION.fullmatch(text)
-    if not text or m is None:
-        raise ValueError(f"{text!r} is not a duration such as 60s, 5m or 1h")
-    h, mins, s = (int(g) if g else 0 for g in m.groups())
-    return h * 3600 + mins * 60 + s
 
 
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from ..decision import DenyResponse, Header
+from ..duration import parse_duration
 from ..errors import JwksError, PolicyError, PolicySetError
 from ..identity.jwks import KeySetRegistry, RemoteKeySet
 from ..identity.jwt import (
@@ -36,7 +37,6 @@ from ..identity.mint import (
     MAX_TTL_SECONDS,
     RESERVED_CLAIMS,
     TokenSpec,
-    parse_duration,
 )
 from .cel import compile_cel
 from .match import (
@@ -515,9 +515,12 @@ def _token_spec(ctx: _Ctx, rule: Node, rule_path: str) -> TokenSpec:
         text = node["ttl"]
         try:
             # A bare number is refused: 60 could mean seconds or minutes to the reader.
-            ttl = parse_duration(text if isinstance(text, str) else repr(text))
+            seconds = parse_duration(text if isinstance(text, str) else repr(text))
         except ValueError as exc:
             raise ctx.error(node, f"{path}.ttl", str(exc), "ttl") from None
+        ttl = int(seconds)
+        if ttl != seconds:
+            raise ctx.error(node, f"{path}.ttl", f"{text} is not a whole number of seconds", "ttl")
         if not 0 < ttl <= MAX_TTL_SECONDS:
             raise ctx.error(node, f"{path}.ttl", f"{text} is not between 1s and 1h", "ttl")
     return TokenSpec(tuple(claims), audience, name, ttl)
@@ -912,15 +915,13 @@ def _read_jwks_file(ctx: _Ctx, node: Node, path: str, uri: str, base_dir: Path) 
         ) from None
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def _duration(ctx: _Ctx, node: Node, key: str, path: str) -> float:
     """A duration such as ``5s``, ``1.5s``, ``250ms``, ``10m`` (protobuf JSON writes ``Ns``)."""
     value = node[key]
-    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
-    seconds = float(match[1]) * _DURATION_UNITS[match[2]] if match else 0.0
+    try:
+        seconds = parse_duration(value) if isinstance(value, str) else 0.0
+    except ValueError:
+        seconds = 0.0
     if seconds <= 0:
         raise ctx.error(
             node, f"{path}.{key}", "must be a positive duration like 5s, 250ms or 10m", key
