@@ -57,6 +57,10 @@ class Authorizer:
         self.settings = settings or Settings()
         # Signs the tokens ``token:`` rules ask for; None: such rules fail closed (503).
         self.minter = minter
+        # Identity headers this server does not vouch for: never passed upstream.
+        self._untrusted = (
+            frozenset() if self.settings.trust_xfcc else frozenset({peer_identity.XFCC_HEADER})
+        )
 
     @property
     def policies(self) -> PolicySet:
@@ -198,7 +202,7 @@ class Authorizer:
         if trace is not None:
             trace.namespace, trace.labels, trace.targets = namespace, labels, targets
         workload = policies.for_workload(namespace, labels, targets, remember=trace is None)
-        peer = peer_identity.resolve(inp)
+        peer = peer_identity.resolve(inp, trust_xfcc=self.settings.trust_xfcc)
         if peer is not None and self.settings.trust_domains:
             _check_trust_domain(peer, self.settings.trust_domains)
         if claims is not None:
@@ -308,6 +312,7 @@ class Authorizer:
             workload.verifier.output_headers
             | workload.token_headers
             | {self.settings.spiffe_id_header}
+            | self._untrusted
         )
         # A policy's static header never stands in for an identity header left unset.
         out: list[Header] = [h for h in rule_headers if h[0] not in managed]

@@ -60,6 +60,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="accept only SPIFFE peers of this trust domain (repeat for several; default: any)",
     )
     p.add_argument(
+        "--trust-xfcc",
+        action="store_true",
+        help="identify the caller by x-forwarded-client-cert (its first element) when present; "
+        "only if every proxy in front sets/sanitizes it. Default: ignore it and strip it",
+    )
+    p.add_argument(
         "--grace", type=float, default=5.0, help="seconds to drain in-flight checks on SIGTERM"
     )
     _jwks_fetch_args(p)
@@ -168,6 +174,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         workload_labels=args.workload_labels,
         xff_trusted_hops=args.xff_trusted_hops,
         trust_domains=frozenset(args.trust_domains),
+        trust_xfcc=args.trust_xfcc,
         jwks=FetchSettings(
             refresh_interval=args.jwks_refresh_interval,
             min_refetch_interval=min(args.jwks_min_refetch_interval, args.jwks_refresh_interval),

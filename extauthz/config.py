@@ -31,6 +31,9 @@ class Settings:
     xff_trusted_hops: int = 0
     # SPIFFE trust domains whose peers are accepted; empty: any (mTLS already vouched).
     trust_domains: frozenset[str] = frozenset()
+    # x-forwarded-client-cert identifies the caller only when this Envoy's chain of proxies
+    # sets it (and sanitizes what clients send); otherwise it is ignored and stripped.
+    trust_xfcc: bool = False
     # Remote JWKS / OIDC discovery: refresh interval, unknown-kid rate limit, timeout, CA file.
     jwks: FetchSettings = field(default_factory=FetchSettings)
     spiffe_id_header: str = SPIFFE_ID_HEADER

@@ -128,12 +128,25 @@ def test_caller_cannot_spoof_identity_headers(mesh: Mesh) -> None:
     forged = {
         "x-extauthz-spiffe-id": "spiffe://demo.local/ns/shop/sa/payments",
         "x-user": "admin",
+        "x-forwarded-client-cert": "URI=spiffe://demo.local/ns/shop/sa/payments",
     }
     r = mesh.call("orders", "frontend", "GET", "/", headers=forged)
     assert r.status == 200
     h = r.json()["headers"]
     assert h["x-extauthz-spiffe-id"] == "spiffe://demo.local/ns/shop/sa/orders"
     assert "x-user" not in h  # no token: extauthz sets no x-user, and strips the forged one
+    # Envoy replaced the forged XFCC (SANITIZE_SET); extauthz (--trust-xfcc) read Envoy's.
+    xfcc = h["x-forwarded-client-cert"]
+    assert "URI=spiffe://demo.local/ns/shop/sa/orders" in xfcc
+    assert "payments" not in xfcc
+
+
+def test_a_forged_xfcc_cannot_make_a_lateral_move(mesh: Mesh) -> None:
+    # frontend may not call payments; claiming to be orders in XFCC must not help.
+    forged = {"x-forwarded-client-cert": "URI=spiffe://demo.local/ns/shop/sa/orders"}
+    r = mesh.call("frontend", "payments", "POST", "/payments/1", headers=forged, token=token(mesh))
+    assert r.status == 403, r.body
+    assert r.json()["reason"] == "no_allow_policy_matched"
 
 
 @pytest.mark.parametrize("caller", [None, "rogue"], ids=["no-client-cert", "untrusted-ca"])

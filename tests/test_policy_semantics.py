@@ -31,6 +31,7 @@ ISS = "https://idp.test"
 PEER = "spiffe://cluster.local/ns/ns2/sa/client"
 PEER_PRINCIPAL = "cluster.local/ns/ns2/sa/client"
 SETTINGS = Settings(workload_namespace="ns1", workload_labels="app=a")
+XFCC = "x-forwarded-client-cert"  # stripped: extauthz is not told to trust it
 SPIFFE_HEADER = "x-extauthz-spiffe-id"
 DECISION_HEADER = "x-extauthz-decision-id"
 
@@ -1184,7 +1185,13 @@ def test_allow_headers_with_spiffe_peer_and_token(tmp_path: Path) -> None:
     )
     assert all("\r" not in v and "\n" not in v for _, v in d.upstream_headers)
     # the token is not forwarded; claim headers that were not set cannot be spoofed
-    assert d.remove_headers == ("authorization", "x-evil", "x-groups", "x-missing")
+    assert d.remove_headers == (
+        "authorization",
+        "x-evil",
+        XFCC,
+        "x-groups",
+        "x-missing",
+    )
     assert (d.spiffe_id, d.principal) == (PEER, PEER_PRINCIPAL)
     assert (d.issuer, d.subject) == (ISS, "alice")
     assert len(d.decision_id) == 32
@@ -1194,14 +1201,14 @@ def test_allow_headers_without_peer(tmp_path: Path) -> None:
     d = run(tmp_path, [authz(rules=[{}])], request(peer=NO_PEER))
     assert_decision(d, Outcome.ALLOW, "allowed_by_policy", "ns1/p", "rules[0]")
     assert d.upstream_headers == ((DECISION_HEADER, d.decision_id),)
-    assert d.remove_headers == (SPIFFE_HEADER,)
+    assert d.remove_headers == (SPIFFE_HEADER, XFCC)
     assert (d.spiffe_id, d.principal) == ("", "")
 
 
 def test_allow_headers_non_spiffe_peer(tmp_path: Path) -> None:
     d = run(tmp_path, [authz(rules=[{}])], request(peer="legacy.corp"))
     assert d.upstream_headers == ((DECISION_HEADER, d.decision_id),)
-    assert d.remove_headers == (SPIFFE_HEADER,)
+    assert d.remove_headers == (SPIFFE_HEADER, XFCC)
     assert (d.spiffe_id, d.principal) == ("", "legacy.corp")
 
 
@@ -1211,14 +1218,14 @@ def test_spiffe_header_name_from_settings(tmp_path: Path) -> None:
     )
     d = run(tmp_path, [authz(rules=[{}])], request(), settings)
     assert d.upstream_headers == ((DECISION_HEADER, d.decision_id), ("x-peer", PEER))
-    assert d.remove_headers == ()
+    assert d.remove_headers == (XFCC,)
 
 
 def test_forward_original_token_keeps_authorization(tmp_path: Path) -> None:
     d = run(tmp_path, [authn(forwardOriginalToken=True)], request(claims=ALICE))
     assert_decision(d, Outcome.ALLOW, "no_allow_policy")
     assert "authorization" not in d.remove_headers
-    assert d.remove_headers == ()
+    assert d.remove_headers == (XFCC,)
 
 
 def test_custom_header_token_removed(tmp_path: Path) -> None:
@@ -1227,13 +1234,13 @@ def test_custom_header_token_removed(tmp_path: Path) -> None:
     d = run(tmp_path, [authn(**rule)], inp)
     assert_decision(d, Outcome.ALLOW, "no_allow_policy")
     assert d.subject == "alice"
-    assert d.remove_headers == ("x-jwt",)
+    assert d.remove_headers == ("x-jwt", XFCC)
 
 
 def test_param_token_cannot_be_removed(tmp_path: Path) -> None:
     d = run(tmp_path, [authn()], request(query=f"access_token={sign(ALICE)}"))
     assert d.subject == "alice"
-    assert d.remove_headers == ()
+    assert d.remove_headers == (XFCC,)
 
 
 def test_output_payload_to_header(tmp_path: Path) -> None:
@@ -1241,7 +1248,7 @@ def test_output_payload_to_header(tmp_path: Path) -> None:
     inp = request(headers={"authorization": f"Bearer {token}"})
     d = run(tmp_path, [authn(outputPayloadToHeader="X-Jwt-Payload")], inp)
     assert ("x-jwt-payload", token.split(".")[1]) in d.upstream_headers
-    assert d.remove_headers == ("authorization",)
+    assert d.remove_headers == ("authorization", XFCC)
 
 
 def test_managed_headers_removed_when_no_token(tmp_path: Path) -> None:
@@ -1254,7 +1261,7 @@ def test_managed_headers_removed_when_no_token(tmp_path: Path) -> None:
     d = run(tmp_path, docs, request(headers={"x-user": "root", "x-payload": "e30"}))
     assert_decision(d, Outcome.ALLOW, "no_allow_policy")
     assert d.upstream_headers == ((DECISION_HEADER, d.decision_id), (SPIFFE_HEADER, PEER))
-    assert d.remove_headers == ("x-payload", "x-user")
+    assert d.remove_headers == (XFCC, "x-payload", "x-user")
 
 
 def test_deny_has_no_upstream_headers(tmp_path: Path) -> None:

@@ -279,6 +279,7 @@ def test_resolve_certificate_fallback(ca: DevCA) -> None:
     assert got == peer.Peer(
         spiffe.SpiffeId("example.org", "/ns/cert/sa/from-cert"),
         "example.org/ns/cert/sa/from-cert",
+        "certificate",
     )
 
 

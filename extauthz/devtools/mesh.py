@@ -133,6 +133,8 @@ class Mesh:
                 self.extauthz_target,
                 "--policies",
                 str(self.policy_dir),
+                # envoy/sidecar.yaml sets x-forwarded-client-cert itself (SANITIZE_SET).
+                "--trust-xfcc",
                 *self.extauthz_args,
             ],
             stdout=log,
