@@ -239,9 +239,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if settings.policies is not None
         else None
     )
+    telemetry = Telemetry.from_env()
+    telemetry.observe_keys(keys)
     server = Server(
         authorizer,
-        Telemetry.from_env(),
+        telemetry,
         listen=settings.listen,
         grace=settings.grace_seconds,
         reload=reloader,

@@ -20,7 +20,7 @@ from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.context import Context
-from opentelemetry.metrics import MeterProvider
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -34,6 +34,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from . import __version__
 from .decision import Decision, Outcome
 from .errors import ConfigError
+from .identity.jwks import KeySetRegistry
+from .identity.jwt import TOKEN_CACHE_TOTALS
 from .request import CheckInput
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,46 @@ class Telemetry:
         self._reloads = meter.create_counter(
             "extauthz.policy.reloads", description="policy reload attempts, by result"
         )
+        self._keys: KeySetRegistry | None = None
+        meter.create_observable_counter(
+            "extauthz.token_cache.lookups",
+            callbacks=[_token_cache_lookups],
+            description="verified-token cache lookups, by result (hit: no signature check)",
+        )
+        meter.create_observable_counter(
+            "extauthz.jwks.fetches",
+            callbacks=[self._jwks_fetches],
+            description="remote JWKS / OIDC discovery fetches, by result (ok, not_modified, error)",
+        )
+        meter.create_observable_counter(
+            "extauthz.jwks.refetches",
+            callbacks=[self._jwks_refetches],
+            description="early refetches asked for by an unknown kid, by result (granted, "
+            "rate_limited)",
+        )
+
+    def observe_keys(self, keys: KeySetRegistry) -> None:
+        """Report the fetches of these remote key sets (the server's one registry)."""
+        self._keys = keys
+
+    def _jwks_fetches(self, _: CallbackOptions) -> Iterable[Observation]:
+        if self._keys is None:
+            return []
+        t = self._keys.totals()
+        return [
+            Observation(t.fetches - t.not_modified, {"result": "ok"}),
+            Observation(t.not_modified, {"result": "not_modified"}),
+            Observation(t.failures, {"result": "error"}),
+        ]
+
+    def _jwks_refetches(self, _: CallbackOptions) -> Iterable[Observation]:
+        if self._keys is None:
+            return []
+        t = self._keys.totals()
+        return [
+            Observation(t.refetches, {"result": "granted"}),
+            Observation(t.refetches_limited, {"result": "rate_limited"}),
+        ]
 
     def record_dry_run(self, decision: Decision) -> None:
         """Count (and log when it differs) what dry-run policies would have decided."""
@@ -185,6 +227,13 @@ class Telemetry:
             log.warning("telemetry: collector unreachable, unexported spans dropped at shutdown")
             return False
         return True
+
+
+def _token_cache_lookups(_: CallbackOptions) -> Iterable[Observation]:
+    return [
+        Observation(TOKEN_CACHE_TOTALS.hits, {"result": "hit"}),
+        Observation(TOKEN_CACHE_TOTALS.misses, {"result": "miss"}),
+    ]
 
 
 def _parent(metadata: Iterable[tuple[str, Any]]) -> Context | None:

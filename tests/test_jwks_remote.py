@@ -505,3 +505,51 @@ def test_a_304_without_cache_headers_keeps_the_lifetime_it_had() -> None:
         assert ks.state.revision == 1
     finally:
         ks.close()
+
+
+async def test_metrics_count_fetches_refetches_and_cache_lookups(
+    idp: IdpServer, rig: Callable[..., Rig]
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from otel_helpers import points
+
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(None, MeterProvider(metric_readers=[reader]))
+    k1 = key(idp, "k1")
+    idp.publish(k1)
+    r = rig()
+    telemetry.observe_keys(r.registry)
+    before = points(reader, "extauthz.token_cache.lookups")
+    hot = token(k1)
+    for _ in range(4):
+        assert r.check(hot).allowed  # 1 miss, then 3 hits
+    r.check(forged(idp, "x1"))  # a refetch granted...
+    assert wait_until(lambda: r.key_set.stats.fetches == 2)
+    for kid in ("x2", "x3"):
+        r.check(forged(idp, kid))  # ... and, once it is done, two refused by the rate limit
+    idp.status = 500
+    r.key_set._next_due = 0.0  # the scheduled refresh, now
+    with r.key_set._cond:
+        r.key_set._cond.notify_all()
+    assert wait_until(lambda: r.key_set.stats.failures == 1)
+    after = points(reader, "extauthz.token_cache.lookups")
+
+    def delta(result: str) -> int:
+        k = frozenset({("result", result)})
+        return after[k] - before.get(k, 0)
+
+    # the three forged tokens miss the cache too (they are looked up, never stored)
+    assert (delta("hit"), delta("miss")) == (3, 4)
+    fetches = points(reader, "extauthz.jwks.fetches")
+    assert fetches == {  # the refetch found the same document: 304 by its ETag
+        frozenset({("result", "ok")}): 1,
+        frozenset({("result", "not_modified")}): 1,
+        frozenset({("result", "error")}): 1,
+    }
+    refetches = points(reader, "extauthz.jwks.refetches")
+    assert refetches == {
+        frozenset({("result", "granted")}): 1,
+        frozenset({("result", "rate_limited")}): 2,
+    }
+    idp.status = 200

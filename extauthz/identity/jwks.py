@@ -376,6 +376,7 @@ class KeySetRegistry:
         self._getter = getter
         self._sets: dict[tuple[str, bool, float], RemoteKeySet] = {}
         self._lock = threading.Lock()
+        self._retired = FetchStats()  # counters of stopped sets: metrics never go down
 
     def key_set(self, url: str, *, discovery: bool, timeout: float | None = None) -> RemoteKeySet:
         key = (url, discovery, timeout if timeout is not None else self.settings.timeout)
@@ -413,8 +414,9 @@ class KeySetRegistry:
         keep = {id(s) for s in used}
         with self._lock:
             gone = [(k, s) for k, s in self._sets.items() if id(s) not in keep]
-            for k, _ in gone:
+            for k, s in gone:
                 del self._sets[k]
+                _add(self._retired, s.stats)
         for _, s in gone:
             s.close()
 
@@ -422,11 +424,18 @@ class KeySetRegistry:
         self.retain(())
 
     def totals(self) -> FetchStats:
-        total = FetchStats()
-        for s in self.sets():
-            total.fetches += s.stats.fetches
-            total.failures += s.stats.failures
-            total.not_modified += s.stats.not_modified
-            total.refetches += s.stats.refetches
-            total.refetches_limited += s.stats.refetches_limited
+        """Counters of every set this registry ever had, stopped ones included."""
+        with self._lock:
+            total = FetchStats()
+            _add(total, self._retired)
+            for s in self._sets.values():
+                _add(total, s.stats)
         return total
+
+
+def _add(into: FetchStats, more: FetchStats) -> None:
+    into.fetches += more.fetches
+    into.failures += more.failures
+    into.not_modified += more.not_modified
+    into.refetches += more.refetches
+    into.refetches_limited += more.refetches_limited

@@ -248,6 +248,18 @@ def _string_list(value: Any) -> tuple[str, ...]:
     return ()
 
 
+@dataclass(slots=True)
+class CacheTotals:
+    """Lookups of every token cache in the process, for metrics: each policy set's caches
+    are new, but these keep counting across reloads."""
+
+    hits: int = 0
+    misses: int = 0
+
+
+TOKEN_CACHE_TOTALS = CacheTotals()
+
+
 class TokenCache:
     """Verified tokens, so that a token seen again costs a dict lookup, not a signature check.
 
@@ -278,6 +290,7 @@ class TokenCache:
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
+            TOKEN_CACHE_TOTALS.misses += 1
             return None
         verified, not_before, until = entry
         remote = verified.provider.remote
@@ -288,9 +301,11 @@ class TokenCache:
         ):
             del self._entries[key]
             self.misses += 1
+            TOKEN_CACHE_TOTALS.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
+        TOKEN_CACHE_TOTALS.hits += 1
         return verified
 
     def put(self, token: str, location: TokenLocation, verified: VerifiedToken, now: float) -> None:
