@@ -14,7 +14,7 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from extauthz.errors import (
@@ -893,3 +893,119 @@ def test_jwks_errors(keys: Keys, make: Callable[[Keys], str], fragment: str) -> 
     assert info.value.reason == "jwks_invalid"
     assert info.value.message.startswith("where.yaml:3: ")
     assert fragment in info.value.message
+
+
+# --- every supported algorithm, and header tricks ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> Any:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+ALGORITHMS = [
+    ("RS256", "rsa"),
+    ("RS384", "rsa"),
+    ("RS512", "rsa"),
+    ("PS256", "rsa"),
+    ("PS384", "rsa"),
+    ("PS512", "rsa"),
+    ("ES256", "P-256"),
+    ("ES384", "P-384"),
+    ("ES512", "P-521"),
+    ("EdDSA", "Ed25519"),
+    ("EdDSA", "Ed448"),
+]
+_CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
+
+
+def _private(kind: str, rsa_key: Any) -> Any:
+    if kind == "rsa":
+        return rsa_key
+    if kind in _CURVES:
+        return ec.generate_private_key(_CURVES[kind]())
+    return (ed25519.Ed25519PrivateKey if kind == "Ed25519" else ed448.Ed448PrivateKey).generate()
+
+
+def _public_jwk(private: Any, kid: str) -> dict[str, Any]:
+    if isinstance(private, rsa.RSAPrivateKey):
+        return _jwk(RSAAlgorithm.to_jwk(private.public_key()), kid)
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        return _jwk(ECAlgorithm.to_jwk(private.public_key()), kid)
+    return _jwk(OKPAlgorithm.to_jwk(private.public_key()), kid)
+
+
+@pytest.mark.parametrize(("alg", "kind"), ALGORITHMS, ids=[f"{a}-{k}" for a, k in ALGORITHMS])
+def test_every_supported_algorithm_verifies(rsa_key: Any, alg: str, kind: str) -> None:
+    private = _private(kind, rsa_key)
+    token = jwt.encode(claims(), private, algorithm=alg, headers={"kid": "k"})
+    got = verify([provider(_public_jwk(private, "k"))], bearer(token))
+    assert got is not None
+    assert got.subject == "alice"
+
+
+@pytest.mark.parametrize(("alg", "kind"), ALGORITHMS, ids=[f"{a}-{k}" for a, k in ALGORITHMS])
+def test_every_algorithm_obeys_the_provider_allow_list(rsa_key: Any, alg: str, kind: str) -> None:
+    private = _private(kind, rsa_key)
+    token = jwt.encode(claims(), private, algorithm=alg, headers={"kid": "k"})
+    others = frozenset({"RS256", "ES256", "EdDSA", "PS512"} - {alg})
+    p = provider(_public_jwk(private, "k"), algorithms=others)
+    with pytest.raises(TokenAlgorithmError):
+        verify([p], bearer(token))
+
+
+def _attacker() -> tuple[Any, dict[str, Any]]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key, _jwk(ECAlgorithm.to_jwk(key.public_key()), "p256")
+
+
+# Headers that point a naive verifier at keys the attacker controls. extauthz only ever uses
+# the keys of the issuer's jwtRule, so each of these is a signature failure.
+HEADER_TRICKS: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [
+    ("jku-to-attacker-jwks", lambda jwk: {"jku": "https://attacker.test/jwks.json"}),
+    ("x5u-to-attacker-cert", lambda jwk: {"x5u": "https://attacker.test/cert.pem"}),
+    ("embedded-jwk", lambda jwk: {"jwk": jwk}),
+    ("embedded-x5c", lambda jwk: {"x5c": ["MIIBattackercert"]}),
+    ("kid-path-traversal", lambda jwk: {"kid": "../../../../dev/null"}),
+    ("kid-sql-injection", lambda jwk: {"kid": "p256' OR '1'='1"}),
+    ("kid-of-the-real-key", lambda jwk: {"kid": "p256"}),
+]
+
+
+@pytest.mark.parametrize("extra", [t for _, t in HEADER_TRICKS], ids=[n for n, _ in HEADER_TRICKS])
+def test_header_tricks_never_bring_their_own_key(
+    keys: Keys, extra: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    attacker, attacker_jwk = _attacker()
+    header = {"kid": "p256", **extra(attacker_jwk)}
+    token = jwt.encode(claims(), attacker, algorithm="ES256", headers=header)
+    with pytest.raises(TokenError) as info:
+        verify([provider(keys.es256.jwk)], bearer(token))
+    assert info.value.reason in {"jwt_signature_invalid", "jwt_key_unknown"}
+
+
+def test_a_genuine_token_with_a_jku_header_still_verifies_with_our_keys(keys: Keys) -> None:
+    # jku/x5u are ignored, not obeyed and not a reason to refuse a good signature.
+    token = keys.es256.sign(claims(), jku="https://attacker.test/jwks.json", x5u="https://x")
+    assert verify([provider(keys.es256.jwk)], bearer(token)) is not None
+
+
+def test_crit_header_is_refused(keys: Keys) -> None:
+    token = keys.es256.sign(claims(), crit=["exp-ext"], **{"exp-ext": 1})
+    with pytest.raises(TokenMalformedError, match="'crit'"):
+        verify([provider(keys.es256.jwk)], bearer(token))
+
+
+def test_a_token_for_another_provider_is_not_verified_with_its_keys(keys: Keys) -> None:
+    # Two providers on one workload: a token claiming the first issuer but signed with the
+    # second one's key fails; the provider is chosen by iss, never by trying every key.
+    first = provider(keys.rsa.jwk)
+    second = provider(keys.es256.jwk, issuer=OTHER_ISS)
+    forged = keys.es256.sign(claims())  # iss is ISS, key is OTHER_ISS's
+    with pytest.raises(TokenError) as info:
+        verify([first, second], bearer(forged))
+    assert info.value.reason in {"jwt_algorithm_not_allowed", "jwt_key_unknown"}
+    genuine = keys.es256.sign(claims(iss=OTHER_ISS))
+    got = verify([first, second], bearer(genuine))
+    assert got is not None
+    assert got.issuer == OTHER_ISS

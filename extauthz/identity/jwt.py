@@ -210,6 +210,10 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise TokenMalformedError("token segments are not base64url-encoded JSON") from exc
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise TokenMalformedError("token header and payload must be JSON objects")
+    if "crit" in header:
+        # RFC 7515 4.1.11: extensions the recipient does not understand make the JWS invalid,
+        # and extauthz understands none.
+        raise TokenMalformedError("token header 'crit' names extensions extauthz does not support")
     for claim in ("exp", "nbf", "iat"):
         value = payload.get(claim)
         # PyJWT would coerce "123" to a number; Envoy's verifier refuses it, and so do we.
