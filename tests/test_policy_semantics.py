@@ -1273,3 +1273,67 @@ def test_deny_has_no_upstream_headers(tmp_path: Path) -> None:
     assert d.client_headers == ()
     # identity is still recorded for the audit trail
     assert (d.spiffe_id, d.issuer, d.subject) == (PEER, ISS, "alice")
+
+
+# --- several providers on one workload -------------------------------------------------------
+
+_B_KEY = ec.generate_private_key(ec.SECP256R1())
+_B_ISS = "https://partner.test"
+
+
+def _b_token(**claims: Any) -> str:
+    body = {"iss": _B_ISS, "sub": "bob", "exp": int(time.time()) + 600, **claims}
+    return jwt.encode(body, _B_KEY, algorithm="ES256", headers={"kid": "b1"})
+
+
+def _partner_authn() -> dict[str, Any]:
+    jwk = json.loads(ECAlgorithm.to_jwk(_B_KEY.public_key()))
+    jwk.update(kid="b1", alg="ES256")
+    doc = authn("partner")
+    doc["spec"]["jwtRules"] = [
+        {
+            "issuer": _B_ISS,
+            "jwks": json.dumps({"keys": [jwk]}),
+            "fromHeaders": [{"name": "x-partner-token", "prefix": "Tok "}],
+            "fromCookies": ["partner_session"],
+        }
+    ]
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("headers", "outcome", "principal"),
+    [
+        ({"authorization": "Bearer " + sign(ALICE)}, Outcome.ALLOW, f"{ISS}/alice"),
+        ({"x-partner-token": "Tok " + _b_token()}, Outcome.ALLOW, f"{_B_ISS}/bob"),
+        ({"cookie": "a=1; partner_session=" + _b_token()}, Outcome.ALLOW, f"{_B_ISS}/bob"),
+        # Each issuer only where its rule looks: a partner token as a Bearer is refused.
+        ({"authorization": "Bearer " + _b_token()}, Outcome.UNAUTHENTICATED, ""),
+        ({"x-partner-token": "Tok " + sign(ALICE)}, Outcome.UNAUTHENTICATED, ""),
+        # Signed with the other provider's key: never verified by trying every key.
+        (
+            {
+                "x-partner-token": "Tok "
+                + jwt.encode({"iss": _B_ISS, "sub": "x"}, _KEY, "ES256", {"kid": "b1"})
+            },
+            Outcome.UNAUTHENTICATED,
+            "",
+        ),
+    ],
+    ids=[
+        "idp-bearer",
+        "partner-header",
+        "partner-cookie",
+        "partner-as-bearer",
+        "idp-in-partner-header",
+        "cross-signed",
+    ],
+)
+def test_several_request_authentications_on_one_workload(
+    tmp_path: Path, headers: dict[str, str], outcome: Outcome, principal: str
+) -> None:
+    policy = authz(rules=[src(requestPrincipals=[f"{ISS}/*", f"{_B_ISS}/*"])])
+    d = run(tmp_path, [authn(), _partner_authn(), policy], request(headers=headers))
+    assert d.outcome is outcome, d.message
+    if principal:
+        assert f"{d.issuer}/{d.subject}" == principal
