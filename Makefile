@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install check test demo lint-policies clean protos
+.PHONY: install check test demo lint-policies clean protos fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: check
 
 demo: install
 	$(BIN)/extauthz demo
+
+# Coverage-guided fuzzing with atheris (CI runs the same targets with a mutation fuzzer:
+# tests/test_fuzz.py). FUZZ_SECONDS per target; a crash stops with the input saved.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	$(BIN)/python -m pip install -q 'atheris>=3'
+	for target in check token xfcc; do \
+		$(BIN)/python -m extauthz.devtools.fuzz $$target -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 # Regenerate extauthz/admin/v1/*_pb2*.py(i) from protos/ (tests/test_admin.py checks they match).
 PROTOS := protos/extauthz/admin/v1/admin.proto
