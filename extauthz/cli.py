@@ -68,6 +68,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grace", type=float, default=5.0, help="seconds to drain in-flight checks on SIGTERM"
     )
+    p.add_argument(
+        "--drain-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="on SIGTERM, report NOT_SERVING but keep answering for S seconds before closing, "
+        "so health-checking clients (Envoy, Kubernetes) move away first (default 0)",
+    )
     _jwks_fetch_args(p)
     p.add_argument(
         "--reload-interval",
@@ -182,6 +190,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             ca_file=args.jwks_ca_file,
         ),
         grace_seconds=args.grace,
+        drain_delay=args.drain_delay,
         reload_interval=args.reload_interval,
         admin_listen=getattr(args, "admin_listen", None),
         recent_decisions=getattr(args, "recent_decisions", 1024),
@@ -246,6 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         telemetry,
         listen=settings.listen,
         grace=settings.grace_seconds,
+        drain_delay=settings.drain_delay,
         reload=reloader,
         admin_listen=settings.admin_listen,
         recent_decisions=settings.recent_decisions,

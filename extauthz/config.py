@@ -38,6 +38,7 @@ class Settings:
     jwks: FetchSettings = field(default_factory=FetchSettings)
     spiffe_id_header: str = SPIFFE_ID_HEADER
     grace_seconds: float = 5.0
+    drain_delay: float = 0.0  # seconds NOT_SERVING but still answering, before closing
     reload_interval: float = 2.0
     # The admin gRPC service's own listener (None: off) and how many recent decisions it can
     # explain by id (0: none are recorded).

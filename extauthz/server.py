@@ -113,6 +113,7 @@ class Server:
         *,
         listen: str,
         grace: float = 5.0,
+        drain_delay: float = 0.0,
         reload: PolicyReloader | None = None,
         admin_listen: str | None = None,
         recent_decisions: int = DEFAULT_CAPACITY,
@@ -123,6 +124,7 @@ class Server:
         self.telemetry = telemetry
         self.listen = listen
         self.grace = grace
+        self.drain_delay = drain_delay
         self.reloader = reload
         # The admin service (explanations, policy status) gets its own listener, never the
         # Check port: it shows request details, so keep it on localhost / a protected network.
@@ -251,6 +253,12 @@ class Server:
             self._watcher.cancel()
             self._watcher = None
         await self.health.enter_graceful_shutdown()
+        if self.drain_delay > 0:
+            # Keep answering while NOT_SERVING, until health-checking clients (Envoy, the
+            # kubelet) have moved away: gRPC's own shutdown cancels calls that arrive during
+            # it (CANCELLED), which Envoy would count as authz errors.
+            log.info("draining: NOT_SERVING for %.1f s before closing", self.drain_delay)
+            await asyncio.sleep(self.drain_delay)
         if self._admin is not None:
             await asyncio.gather(self._server.stop(self.grace), self._admin.stop(self.grace))
             self._admin = None

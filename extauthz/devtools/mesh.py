@@ -108,7 +108,7 @@ class Mesh:
             shutil.rmtree(self.policy_dir)
         shutil.copytree(self.policies, self.policy_dir)
         (self.policy_dir / JWKS_FILE).write_text(self.idp.jwks())
-        self._start_extauthz()
+        self.start_extauthz()
         for name in self.workloads:
             self._start_workload(name)
 
@@ -119,8 +119,12 @@ class Mesh:
             return f"unix:{self.workdir / 'extauthz.sock'}"
         return f"127.0.0.1:{self.extauthz_port}"
 
-    def _start_extauthz(self) -> None:
-        self.extauthz_port = free_port()
+    def start_extauthz(self) -> None:
+        """Start extauthz (again, after a stop or kill: on the same address Envoy knows)."""
+        if self._extauthz is not None:
+            raise RuntimeError("extauthz is already running")
+        if not self.extauthz_port:
+            self.extauthz_port = free_port()
         env = {**os.environ, "OTEL_TRACES_EXPORTER": "none", **self.env}
         log = self.extauthz_log.open("wb")
         self._extauthz = subprocess.Popen(
@@ -164,6 +168,13 @@ class Mesh:
         envoy = EnvoyProcess(config, workdir=self.workdir, admin_port=admin)
         self.services[name] = Workload(name, self.spiffe_id(name), port, upstream, envoy)
         envoy.start()
+
+    def kill_extauthz(self) -> None:
+        """SIGKILL extauthz: a crash, with no drain."""
+        proc, self._extauthz = self._extauthz, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
 
     def stop_extauthz(self, *, timeout: float = 10.0) -> int | None:
         """SIGTERM extauthz and wait for it: returns its exit code."""

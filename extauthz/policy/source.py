@@ -128,6 +128,8 @@ def misnamed_policies(directory: Path) -> list[Path]:
     for p in sorted(directory.rglob("*.test.y*ml")):
         if any(part.startswith(".") for part in p.relative_to(directory).parts):
             continue
+        if not p.is_file():  # a FIFO would block the read (and the reload) forever
+            continue
         try:
             text = p.read_text(encoding="utf-8", errors="replace")
         except OSError:
