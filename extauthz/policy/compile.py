@@ -909,9 +909,7 @@ def _read_jwks_file(ctx: _Ctx, node: Node, path: str, uri: str, base_dir: Path) 
     ctx.reads.append(file_path)
     if file_path.exists() and not file_path.is_file():
         # A directory fails the read below anyway; a FIFO would block it (and reloads) forever.
-        raise ctx.error(
-            node, f"{path}.jwksUri", f"{file_path} is not a regular file", "jwksUri"
-        )
+        raise ctx.error(node, f"{path}.jwksUri", f"{file_path} is not a regular file", "jwksUri")
     try:
         return file_path.read_text()
     except OSError as exc:
