@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install check test demo lint-policies clean protos fuzz
+.PHONY: install check test demo lint-policies clean protos fuzz soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: check
 
 demo: install
 	$(BIN)/extauthz demo
+
+# 10 minutes at a fixed rate past every cache bound: RSS and open files at start and end.
+soak: install
+	$(BIN)/python -m loadtest.soak --seconds 600 --rate 400 --json soak.json
 
 # Coverage-guided fuzzing with atheris (CI runs the same targets with a mutation fuzzer:
 # tests/test_fuzz.py). FUZZ_SECONDS per target; a crash stops with the input saved.

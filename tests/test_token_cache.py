@@ -136,3 +136,55 @@ def test_clear_forgets_every_token() -> None:
     verifier.cache.clear()
     verifier.verify(bearer(token))
     assert (verifier.cache.hits, verifier.cache.misses) == (0, 2)
+
+
+def _policy_dir(tmp_path: Any, *, audiences_for_ns2: bool) -> Any:
+    """One issuer: mesh-wide without an audience check, or (``audiences_for_ns2``) in ns1
+    without and in ns2 with one."""
+    jwk = json.loads(ECAlgorithm.to_jwk(KEY.public_key()))
+    jwk.update(kid="k", alg="ES256")
+    jwks = json.dumps({"keys": [jwk]}).replace("'", "''")
+    root = f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: idp, namespace: {"ns1" if audiences_for_ns2 else "istio-system"}}}
+spec:
+  jwtRules: [{{issuer: "{ISS}", jwks: '{jwks}'}}]
+"""
+    ns2 = f"""
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: strict, namespace: ns2}}
+spec:
+  jwtRules: [{{issuer: "{ISS}", jwks: '{jwks}', audiences: [only-ns2]}}]
+"""
+    (tmp_path / "p.yaml").write_text(root + (ns2 if audiences_for_ns2 else ""))
+    return tmp_path
+
+
+def test_one_cache_bounds_every_workload_of_a_policy_set(tmp_path: Any) -> None:
+    """Found by the soak: a cache per workload grew without a bound in practice (4,096
+    workloads x 10,000 tokens). Workloads now share the set's cache; the same token for
+    many workloads of one provider set is one entry."""
+    from extauthz.policy.engine import PolicySet
+
+    policies = PolicySet.load(_policy_dir(tmp_path, audiences_for_ns2=False))
+    tokens = [sign(sub=f"user-{i}") for i in range(20)]
+    for n in range(50):
+        verifier = policies.for_workload(f"ns-{n}", None).verifier
+        for t in tokens:
+            assert verifier.verify(bearer(t)) is not None
+    assert len(policies.token_cache) == 20
+    assert policies.token_cache.hits == 49 * 20
+
+
+def test_a_shared_cache_never_lends_a_verification_to_other_providers(tmp_path: Any) -> None:
+    from extauthz.errors import TokenAudienceError
+    from extauthz.policy.engine import PolicySet
+
+    policies = PolicySet.load(_policy_dir(tmp_path, audiences_for_ns2=True))
+    token = sign(sub="alice", aud="web")  # fine for ns1, refused where audiences differ
+    assert policies.for_workload("ns1", None).verifier.verify(bearer(token)) is not None
+    with pytest.raises(TokenAudienceError):
+        policies.for_workload("ns2", None).verifier.verify(bearer(token))

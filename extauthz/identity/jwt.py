@@ -269,8 +269,10 @@ class TokenCache:
 
     Bounded (least recently used goes first) and time-bounded: an entry lives until the
     token's ``exp`` (plus the clock skew a fresh verification would allow) and at most
-    ``max_ttl`` seconds, and is not used before ``nbf`` minus the skew. One cache belongs to
-    one compiled policy set's verifier, so a reload (new keys, new rules) starts empty.
+    ``max_ttl`` seconds, and is not used before ``nbf`` minus the skew. One cache serves a
+    whole compiled policy set, so that the bound holds for the process and not per workload
+    (4,096 workloads with a cache each would not be bounded in practice); entries are scoped
+    by the set of providers that verified them. A reload (new keys, new rules) starts empty.
     Only successes are cached: a bad token is verified, and refused, every time.
     """
 
@@ -279,7 +281,9 @@ class TokenCache:
         self.max_ttl = max_ttl
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[tuple[str, TokenLocation], tuple[VerifiedToken, float, float]]
+        self._entries: OrderedDict[
+            tuple[str, TokenLocation, int], tuple[VerifiedToken, float, float]
+        ]
         self._entries = OrderedDict()
 
     def __len__(self) -> int:
@@ -289,8 +293,10 @@ class TokenCache:
         """Forget every token (e.g. when the keys they were verified with may be gone)."""
         self._entries.clear()
 
-    def get(self, token: str, location: TokenLocation, now: float) -> VerifiedToken | None:
-        key = (token, location)
+    def get(
+        self, token: str, location: TokenLocation, now: float, scope: int = 0
+    ) -> VerifiedToken | None:
+        key = (token, location, scope)
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
@@ -312,7 +318,14 @@ class TokenCache:
         TOKEN_CACHE_TOTALS.hits += 1
         return verified
 
-    def put(self, token: str, location: TokenLocation, verified: VerifiedToken, now: float) -> None:
+    def put(
+        self,
+        token: str,
+        location: TokenLocation,
+        verified: VerifiedToken,
+        now: float,
+        scope: int = 0,
+    ) -> None:
         if self.max_entries <= 0:
             return
         claims = verified.claims
@@ -323,8 +336,9 @@ class TokenCache:
         not_before = 0.0
         if isinstance(nbf, int | float) and not isinstance(nbf, bool):
             not_before = nbf - CLOCK_SKEW_SECONDS
-        self._entries[(token, location)] = (verified, not_before, until)
-        self._entries.move_to_end((token, location))
+        key = (token, location, scope)
+        self._entries[key] = (verified, not_before, until)
+        self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
@@ -332,9 +346,13 @@ class TokenCache:
 class TokenVerifier:
     """The jwtRules that apply to one workload, indexed by issuer and by location."""
 
-    def __init__(self, providers: Iterable[JwtProvider], cache: TokenCache | None = None) -> None:
+    def __init__(
+        self, providers: Iterable[JwtProvider], cache: TokenCache | None = None, scope: int = 0
+    ) -> None:
         self.providers = tuple(providers)
         self.cache = cache if cache is not None else TokenCache()
+        # Tells this verifier's entries in a shared cache from another provider set's.
+        self.scope = scope
         self._by_issuer: dict[str, JwtProvider] = {}
         for p in self.providers:
             # Two rules for one issuer: the first wins, as Envoy keeps the first provider.
@@ -382,11 +400,11 @@ class TokenVerifier:
             return None
         token, location = hit
         now = time.time()
-        cached = self.cache.get(token, location, now)
+        cached = self.cache.get(token, location, now, self.scope)
         if cached is not None:
             return cached
         verified = self._verify(token, location)
-        self.cache.put(token, location, verified, now)
+        self.cache.put(token, location, verified, now, self.scope)
         return verified
 
     def _verify(self, token: str, location: TokenLocation) -> VerifiedToken:

@@ -18,7 +18,7 @@ from types import MappingProxyType
 from ..decision import DenyResponse, Header
 from ..errors import PolicyError, PolicySetError, WorkloadUnknownError
 from ..identity.jwks import KeySetRegistry, RemoteKeySet
-from ..identity.jwt import TokenVerifier
+from ..identity.jwt import TokenCache, TokenVerifier
 from ..identity.mint import AUTHORIZATION_HEADER, TokenSpec
 from .compile import compile_resource
 from .index import LINEAR_BELOW, RuleIndex
@@ -171,13 +171,18 @@ class WorkloadPolicies:
         self,
         authz: Iterable[AuthorizationPolicy],
         authn: Iterable[RequestAuthentication],
+        *,
+        tokens: TokenCache | None = None,
+        scope: int = 0,
     ) -> None:
         authz = tuple(authz)
         self.authz = authz
         self.enforced = _Enforcement.of(p for p in authz if not p.dry_run)
         # Istio's shadow rules: what the decision would be if dry-run policies were enforced.
         self.shadow = _Enforcement.of(authz) if any(p.dry_run for p in authz) else None
-        self.verifier = TokenVerifier(p for ra in authn for p in ra.providers)
+        self.verifier = TokenVerifier(
+            (p for ra in authn for p in ra.providers), cache=tokens, scope=scope
+        )
         # Where this workload's rules put minted tokens: a caller must never supply one. Not
         # authorization: that is the caller's own credential, the RequestAuthentication's to
         # verify and strip.
@@ -237,6 +242,10 @@ class PolicySet:
         self._workloads: dict[
             tuple[str | None, str | None, frozenset[Target]], WorkloadPolicies
         ] = {}
+        # One verified-token cache for every workload of this set (bounded as a whole), its
+        # entries scoped by the exact providers that verified them.
+        self.token_cache = TokenCache()
+        self._scopes: dict[tuple[int, ...], int] = {}
 
     @property
     def revision(self) -> str:
@@ -285,7 +294,9 @@ class PolicySet:
                 f"policies {targeting[:3]} have targetRefs but the request names no service "
                 "or gateway (context_extensions service / gateway)"
             )
-        wp = WorkloadPolicies(authz, authn)
+        providers = tuple(id(p) for ra in authn for p in ra.providers)
+        scope = self._scopes.setdefault(providers, len(self._scopes))
+        wp = WorkloadPolicies(authz, authn, tokens=self.token_cache, scope=scope)
         if remember:
             if len(self._workloads) >= _MAX_WORKLOADS:
                 # Oldest first: bounded, and a new workload is still remembered.
