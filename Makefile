@@ -44,10 +44,13 @@ fuzz: install
 		$(BIN)/python -m extauthz.devtools.fuzz $$target -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
 
-# Regenerate extauthz/admin/v1/*_pb2*.py(i) from protos/ (tests/test_admin.py checks they match).
+# Regenerate extauthz/{admin,decisionlog}/v1/*_pb2*.py(i) from protos/ (tests/test_admin.py and
+# tests/test_decision_log.py check they match). The decision log has no service: no _grpc module.
 PROTOS := protos/extauthz/admin/v1/admin.proto
+MESSAGE_PROTOS := protos/extauthz/decisionlog/v1/decision_log.proto
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. $(MESSAGE_PROTOS)
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache

@@ -177,7 +177,10 @@ class Authorizer:
                 policy_revision=policies.revision,
             )
 
-    def _workload(self, inp: CheckInput) -> tuple[str | None, str | None, frozenset[Target]]:
+    def workload(self, inp: CheckInput) -> tuple[str | None, str | None, frozenset[Target]]:
+        """The protected workload's namespace, labels and targetRefs targets: the route's
+        ``context_extensions``, else the server's defaults, else the namespace of Envoy's
+        own SPIFFE ID. Pure: it reads only ``inp`` and the settings."""
         ext = inp.context_extensions
         namespace = (
             ext.get("namespace")
@@ -198,7 +201,7 @@ class Authorizer:
         claims: Mapping[str, Any] | None = None,
         trace: _Trace | None = None,
     ) -> Decision:
-        namespace, labels, targets = self._workload(inp)
+        namespace, labels, targets = self.workload(inp)
         if trace is not None:
             trace.namespace, trace.labels, trace.targets = namespace, labels, targets
         workload = policies.for_workload(namespace, labels, targets, remember=trace is None)
@@ -230,7 +233,11 @@ class Authorizer:
             "issuer": token.issuer if token else "",
             "subject": token.subject if token else "",
             "policy_revision": policies.revision,
+            "identity_source": peer.source if peer else "",
+            "audiences": token.audiences if token else (),
         }
+        if token is not None:
+            common["claims"] = token.claims
         if not verdict.allowed:
             message = (
                 "a DENY policy matched"

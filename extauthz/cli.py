@@ -12,6 +12,8 @@ from pathlib import Path
 from . import __version__, policytest
 from .authorizer import Authorizer
 from .config import DEFAULT_LISTEN, Settings
+from .decisionlog import settings as decision_log_flags
+from .decisionlog.log import DecisionLog
 from .errors import ConfigError, PolicyError, PolicySetError
 from .identity.jwks import FetchSettings, KeySetRegistry
 from .identity.mint import DEFAULT_ISSUER, TokenMinter, load_signing_key
@@ -197,6 +199,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         signing_key=args.signing_key,
         token_issuer=args.token_issuer,
         jwks_listen=getattr(args, "jwks_listen", None),
+        decision_log=decision_log_flags.from_args(args),
     )
 
 
@@ -250,6 +253,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     telemetry = Telemetry.from_env()
     telemetry.observe_keys(keys)
+    decision_log = (
+        DecisionLog.open(settings.decision_log, workload=authorizer.workload)
+        if settings.decision_log is not None
+        else None
+    )
     server = Server(
         authorizer,
         telemetry,
@@ -260,11 +268,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_listen=settings.admin_listen,
         recent_decisions=settings.recent_decisions,
         jwks=jwks,
+        decision_log=decision_log,
     )
     try:
         asyncio.run(run(server))
     finally:
         keys.close()
+        if decision_log is not None:
+            decision_log.close()  # a no-op after the server's graceful stop
     return 0
 
 
@@ -339,6 +350,7 @@ def parser() -> argparse.ArgumentParser:
     _serve_args(serve)
     _admin_args(serve)
     _jwks_listen_args(serve)
+    decision_log_flags.add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)

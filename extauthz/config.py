@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .decisionlog.settings import DecisionLogSettings
 from .identity.jwks import FetchSettings
 from .identity.mint import DEFAULT_ISSUER
 from .policy.engine import DEFAULT_ROOT_NAMESPACE
@@ -49,3 +50,5 @@ class Settings:
     signing_key: Path | None = None
     token_issuer: str = DEFAULT_ISSUER
     jwks_listen: str | None = None
+    # One JSON record per decision (``--decision-log``); None: off.
+    decision_log: DecisionLogSettings | None = None

@@ -7,8 +7,11 @@ log read the same value, so what Envoy enforces and what is recorded cannot drif
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
+from types import MappingProxyType
+from typing import Any
 
 
 class Outcome(Enum):
@@ -21,6 +24,7 @@ class Outcome(Enum):
 
 
 Header = tuple[str, str]
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,9 @@ class Decision:
     ``client_headers`` go to the caller on deny (e.g. ``www-authenticate``);
     ``deny_response``, set by an ``extauthz.io`` policy, replaces the default deny status/body.
     ``token_audience`` is the ``aud`` of the token minted for the upstream ("" if none).
+    ``identity_source`` says where the caller's identity was read (``source.principal``,
+    ``certificate``, ``xfcc``); ``audiences`` and ``claims`` are the verified token's, for
+    the decision log (claims are left out of equality and repr: they are request data).
     """
 
     outcome: Outcome
@@ -62,6 +69,9 @@ class Decision:
     client_headers: tuple[Header, ...] = ()
     deny_response: DenyResponse | None = None
     token_audience: str = ""
+    identity_source: str = ""
+    audiences: tuple[str, ...] = ()
+    claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS, compare=False, repr=False)
 
     @property
     def allowed(self) -> bool:

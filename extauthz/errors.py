@@ -69,6 +69,13 @@ class SigningKeyError(ConfigError):
     reason = "signing_key_invalid"
 
 
+class DecisionLogError(ConfigError):
+    """The ``--decision-log*`` flags are inconsistent, or the decision log file cannot be
+    opened or rotated at start; the message names the flag and the file."""
+
+    reason = "decision_log_invalid"
+
+
 # --- request-time failures: each becomes a deny ------------------------------------------
 
 

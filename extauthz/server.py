@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from .admin.recent import DEFAULT_CAPACITY, RecentDecisions
 from .authorizer import Authorizer
 from .decision import Decision, Outcome
+from .decisionlog.log import DecisionLog
 from .errors import ConfigError, ExtAuthzError
 from .jwks_server import JwksServer
 from .reload import PolicyReloader, ReloadStatus
@@ -38,9 +39,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEADLINE_MARGIN_SECONDS = 0.02
 
 # Built at import: the answer of last resort must not itself be able to fail.
-_LAST_RESORT = to_check_response(
-    Decision(Outcome.ERROR, "internal_error", "the authorization server failed to decide", "")
+_LAST_RESORT_DECISION = Decision(
+    Outcome.ERROR, "internal_error", "the authorization server failed to decide", ""
 )
+_LAST_RESORT = to_check_response(_LAST_RESORT_DECISION)
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -51,11 +53,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         authorizer: Authorizer,
         telemetry: Telemetry,
         recent: RecentDecisions | None = None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         self.authorizer = authorizer
         self.telemetry = telemetry
         # Only with the admin listener on: the inputs and policy snapshots of recent decisions.
         self.recent = recent
+        self.decision_log = decision_log
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         start = time.time_ns()
@@ -66,26 +70,38 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             decision = self.authorizer.refuse(exc)
         except Exception:
             log.exception("cannot read CheckRequest; denying")
-            return _LAST_RESORT
+            return self._last_resort(None, start, context)
         # The snapshot ``check`` will decide on: no await in between, so no reload either.
         snapshot = self.authorizer.policies if self.recent is not None else None
         try:
             if inp is not None:
                 decision = await self.authorizer.check_async(inp, wait=_key_wait(self, context))
             response = to_check_response(decision)
+            decided = time.time_ns()
         except Exception:
             log.exception("cannot build CheckResponse; denying")
-            return _LAST_RESORT
+            return self._last_resort(inp, start, context)
         if self.recent is not None and snapshot is not None:
             try:
                 self.recent.record(decision, inp, snapshot)
             except Exception:
                 log.exception("cannot record decision %s", decision.decision_id)
+        metadata = context.invocation_metadata() or ()
+        span = None
         try:
-            self.telemetry.record(decision, inp, start, context.invocation_metadata() or ())
+            span = self.telemetry.record(decision, inp, start, metadata)
         except Exception:
             log.exception("telemetry failed for decision %s", decision.decision_id)
+        if self.decision_log is not None:  # never raises
+            self.decision_log.record(decision, inp, start, span, metadata, decided)
         return response
+
+    def _last_resort(self, inp: CheckInput | None, start: int, context: Any) -> Any:
+        # Even a Check extauthz failed to decide leaves its record in the decision log.
+        if self.decision_log is not None:
+            metadata = context.invocation_metadata() or ()
+            self.decision_log.record(_LAST_RESORT_DECISION, inp, start, None, metadata)
+        return _LAST_RESORT
 
 
 def _key_wait(servicer: AuthorizationServicer, context: Any) -> float:
@@ -103,7 +119,8 @@ class Server:
 
     With ``admin_listen``, a second server on that address serves the admin service
     (:mod:`extauthz.admin.service`), and Check records its last ``recent_decisions``. With
-    ``jwks``, the HTTP listener of the minted tokens' key set starts and stops with it.
+    ``jwks``, the HTTP listener of the minted tokens' key set starts and stops with it. With
+    ``decision_log``, Check records every decision there; stop writes it out after draining.
     """
 
     def __init__(
@@ -118,9 +135,11 @@ class Server:
         admin_listen: str | None = None,
         recent_decisions: int = DEFAULT_CAPACITY,
         jwks: JwksServer | None = None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         self.authorizer = authorizer
         self.jwks = jwks
+        self.decision_log = decision_log
         self.telemetry = telemetry
         self.listen = listen
         self.grace = grace
@@ -152,7 +171,8 @@ class Server:
             ]
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationServicer(self.authorizer, self.telemetry, self.recent), server
+            AuthorizationServicer(self.authorizer, self.telemetry, self.recent, self.decision_log),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -183,6 +203,8 @@ class Server:
                     await self._admin.stop(None)
                     self._admin = None
                 raise
+        if self.decision_log is not None:
+            self.decision_log.start()
         await server.start()
         for service in ("", AUTHORIZATION_SERVICE, POLICY_HEALTH_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -265,6 +287,9 @@ class Server:
         else:
             await self._server.stop(self.grace)
         self._server = None
+        if self.decision_log is not None:
+            # After the drain: every Check that was answered is in the queue; write it all.
+            await asyncio.to_thread(self.decision_log.close)
         if self.jwks is not None:
             # Last: upstreams may still verify tokens minted for the checks that drained.
             await asyncio.to_thread(self.jwks.stop)

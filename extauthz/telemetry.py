@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SpanExporter,
 )
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import __version__
@@ -196,11 +196,12 @@ class Telemetry:
         inp: CheckInput | None,
         start_ns: int,
         metadata: Iterable[tuple[str, Any]] = (),
-    ) -> None:
+    ) -> SpanContext | None:
+        """Record the decision span; its context (ids) for the decision log, None untraced."""
         if decision.dry_run_allowed is not None:
             self.record_dry_run(decision)
         if self._tracer is None:
-            return
+            return None
         span = self._tracer.start_span(
             SPAN_NAME,
             context=_parent(metadata),
@@ -211,6 +212,7 @@ class Telemetry:
         if decision.outcome is Outcome.ERROR:
             span.set_status(Status(StatusCode.ERROR, decision.reason))
         span.end()
+        return span.get_span_context()
 
     def shutdown(self, timeout: float = 3.0) -> bool:
         """Flush and stop within ``timeout`` seconds; False if spans had to be dropped.

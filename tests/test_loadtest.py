@@ -50,3 +50,11 @@ def test_the_mint_measurement_runs(tmp_path: Path) -> None:
     assert "cache hit" in stdout
     assert "RS256" in stdout
     assert '"results_us"' in out.read_text()
+
+
+def test_the_decision_log_measurement_runs(tmp_path: Path) -> None:
+    out = tmp_path / "decision_log.json"
+    stdout = run_benchmark("decision_log_measure", "--rounds", "1", "--n", "20", "--json", str(out))
+    assert "record allow (queued)" in stdout
+    assert "slow sink" in stdout
+    assert '"results"' in out.read_text()
