@@ -25,6 +25,7 @@ from .probe import parse_probe
 from .reload import PolicyReloader
 from .server import Server, run
 from .telemetry import Telemetry
+from .tls import ReloadingCredentials, TlsFiles
 
 log = logging.getLogger("extauthz")
 
@@ -96,6 +97,20 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--token-issuer",
         default=DEFAULT_ISSUER,
         help=f"'iss' of minted tokens (default: {DEFAULT_ISSUER})",
+    )
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="serve gRPC over TLS with this certificate"
+    )
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="require client certificates signed by these CAs (mTLS from Envoy); all three "
+        "files are re-read when they change, without a restart",
     )
 
 
@@ -203,6 +218,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def _tls(args: argparse.Namespace) -> ReloadingCredentials | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ConfigError("--tls-cert and --tls-key go together")
+    return ReloadingCredentials(TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca))
+
+
 def token_minter(settings: Settings) -> TokenMinter | None:
     """The minter of ``--signing-key`` (read here, once), or None without one."""
     if settings.signing_key is None:
@@ -261,6 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(
         authorizer,
         telemetry,
+        tls=_tls(args),
         listen=settings.listen,
         grace=settings.grace_seconds,
         drain_delay=settings.drain_delay,
@@ -350,6 +376,7 @@ def parser() -> argparse.ArgumentParser:
     _serve_args(serve)
     _admin_args(serve)
     _jwks_listen_args(serve)
+    _tls_args(serve)
     decision_log_flags.add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     policy = sub.add_parser("policy", help="policy tools")

@@ -29,6 +29,7 @@ from .reload import PolicyReloader, ReloadStatus
 from .request import CheckInput, from_check_request
 from .response import to_check_response
 from .telemetry import Telemetry
+from .tls import ReloadingCredentials
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class Server:
         listen: str,
         grace: float = 5.0,
         drain_delay: float = 0.0,
+        tls: ReloadingCredentials | None = None,
         reload: PolicyReloader | None = None,
         admin_listen: str | None = None,
         recent_decisions: int = DEFAULT_CAPACITY,
@@ -144,6 +146,7 @@ class Server:
         self.listen = listen
         self.grace = grace
         self.drain_delay = drain_delay
+        self.tls = tls  # None: plaintext (localhost, a Unix socket, a private network)
         self.reloader = reload
         # The admin service (explanations, policy status) gets its own listener, never the
         # Check port: it shows request details, so keep it on localhost / a protected network.
@@ -184,7 +187,12 @@ class Server:
             server,
         )
         try:
-            self.port = server.add_insecure_port(_grpc_address(self.listen))
+            address = _grpc_address(self.listen)
+            self.port = (
+                server.add_secure_port(address, self.tls.credentials())
+                if self.tls is not None
+                else server.add_insecure_port(address)
+            )
         except RuntimeError as exc:
             raise ConfigError(f"--listen {self.listen}: cannot bind: {exc}") from exc
         if self.admin_listen is not None:
