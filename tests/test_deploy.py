@@ -1,14 +1,29 @@
-"""Deployment: envoy/front-proxy.yaml, an edge Envoy in front of several extauthz replicas."""
+"""Deployment: the Kubernetes and Istio manifests under deploy/, and envoy/front-proxy.yaml.
+
+The manifests are checked for what a cluster would only tell us at run time: flags extauthz
+really has, ports and names that agree across resources, probes on health services extauthz
+really serves, policies that load. The front proxy is validated by the real Envoy.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extauthz import __version__, policytest
+from extauthz.authorizer import Authorizer
+from extauthz.cli import parser
+from extauthz.config import Settings
+from extauthz.decision import Outcome
 from extauthz.devtools.envoy import (
     dump_config,
     free_port,
@@ -16,17 +31,431 @@ from extauthz.devtools.envoy import (
     render_front_proxy,
     validate,
 )
+from extauthz.devtools.kube import policy_configmap, policy_configmap_files
 from extauthz.devtools.pki import write_pki
 from extauthz.duration import parse_duration
 from extauthz.policy.engine import PolicySet
-from extauthz.server import AUTHORIZATION_SERVICE, POLICY_HEALTH_SERVICE
+from extauthz.policy.lint import lint
+from extauthz.reload import PolicyReloader, fingerprint
+from extauthz.request import CheckInput
+from extauthz.server import AUTHORIZATION_SERVICE, POLICY_HEALTH_SERVICE, Server
+from extauthz.telemetry import Telemetry
 
 REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
 POLICIES = REPO / "policies"
 FRONT_PROXY = REPO / "envoy" / "front-proxy.yaml"
 
 # What grpc.health.v1 answers for on the check port (extauthz/server.py, Server.start).
 SERVED_HEALTH_SERVICES = {"", AUTHORIZATION_SERVICE, POLICY_HEALTH_SERVICE}
+KNOWN_KINDS = {
+    ("v1", "ServiceAccount"),
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+    ("install.istio.io/v1alpha1", "IstioOperator"),
+    ("security.istio.io/v1", "AuthorizationPolicy"),
+    ("networking.istio.io/v1", "DestinationRule"),
+}
+# Every field of Istio's MeshConfig.ExtensionProvider.EnvoyExternalAuthorizationGrpcProvider
+# (istio/api mesh/v1alpha1/config.proto): anything else is a typo Istio would not apply.
+ISTIO_GRPC_PROVIDER_FIELDS = {
+    "service",
+    "port",
+    "timeout",
+    "failOpen",
+    "statusOnError",
+    "includeRequestBodyInCheck",
+}
+ISTIO_NAMESPACE_OF_EXTAUTHZ = "extauthz-system"  # where docs/deploy.md applies deploy/kubernetes
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def _manifests() -> list[tuple[Path, dict[str, Any]]]:
+    out: list[tuple[Path, dict[str, Any]]] = []
+    for path in sorted(DEPLOY.rglob("*.y*ml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert docs, f"{path}: no YAML document"
+        for doc in docs:
+            assert isinstance(doc, dict), f"{path}: a document is not a mapping"
+            out.append((path, doc))
+    return out
+
+
+MANIFESTS = _manifests()
+
+
+def _one(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        d
+        for _, d in MANIFESTS
+        if d["kind"] == kind and (name is None or d.get("metadata", {}).get("name") == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _all(kind: str) -> list[dict[str, Any]]:
+    return [d for _, d in MANIFESTS if d["kind"] == kind]
+
+
+DEPLOYMENT = _one("Deployment", "extauthz")
+POD = DEPLOYMENT["spec"]["template"]
+(CONTAINER,) = POD["spec"]["containers"]
+
+
+def _serve_args() -> Any:
+    """The container's command line, parsed by extauthz's own argument parser."""
+    assert CONTAINER["command"] == ["extauthz"]
+    return parser().parse_args(CONTAINER["args"])
+
+
+def _container_port(name_or_number: str | int) -> int:
+    for port in CONTAINER["ports"]:
+        if name_or_number in (port["name"], port["containerPort"]):
+            return int(port["containerPort"])
+    raise AssertionError(f"the container has no port {name_or_number!r}")
+
+
+def _configmap_tree(directory: Path) -> Path:
+    """Write the shipped ConfigMap's files as the kubelet would mount them (flat)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, text in _one("ConfigMap", "extauthz-policies")["data"].items():
+        (directory / key).write_text(text)
+    return directory
+
+
+# --- every manifest -----------------------------------------------------------------------
+
+
+def test_every_manifest_is_a_known_kind_with_a_name() -> None:
+    kinds = {(d["apiVersion"], d["kind"]) for _, d in MANIFESTS}
+    assert kinds <= KNOWN_KINDS, kinds - KNOWN_KINDS
+    for path, doc in MANIFESTS:
+        if doc["kind"] in {"Kustomization", "IstioOperator"}:
+            continue
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), path
+
+
+def test_kubernetes_manifests_are_namespace_agnostic_and_all_in_the_kustomization() -> None:
+    kube = DEPLOY / "kubernetes"
+    for path, doc in MANIFESTS:
+        if path.parent == kube:
+            assert "namespace" not in doc.get("metadata", {}), f"{path} names a namespace"
+    kustomization = _one("Kustomization")
+    assert "namespace" not in kustomization
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in kube.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+# --- Deployment ---------------------------------------------------------------------------
+
+
+def test_deployment_runs_real_serve_flags_on_the_ports_and_files_it_declares() -> None:
+    args = _serve_args()
+    assert args.command == "serve"
+    host, _, port = args.listen.rpartition(":")
+    assert host == "0.0.0.0"  # the Service and the kubelet reach the pod IP
+    assert int(port) == _container_port("grpc") == 9191
+
+    # --policies is where the ConfigMap is mounted, whole (no items: see test below).
+    (mount,) = (m for m in CONTAINER["volumeMounts"] if m["mountPath"] == str(args.policies))
+    assert mount["readOnly"] is True
+    (volume,) = (v for v in POD["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == _one("ConfigMap", "extauthz-policies")["metadata"]["name"]
+    assert "items" not in volume["configMap"]
+
+    assert args.reload_interval > 0  # ConfigMap updates are picked up without a restart
+    # Behind Istio sidecars (APPEND_FORWARD) any mesh workload could put its own element
+    # first in x-forwarded-client-cert: the shipped Deployment must not trust it.
+    assert args.trust_xfcc is False
+    assert args.xff_trusted_hops == 0
+    # preStop + drain + final span flush fit in the termination grace period.
+    pre_stop = CONTAINER["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop + args.grace + 3 < POD["spec"]["terminationGracePeriodSeconds"]
+    assert CONTAINER["image"].rpartition(":")[2] == __version__
+
+
+def test_probes_ask_health_services_extauthz_serves() -> None:
+    probes = {k: CONTAINER[k]["grpc"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+    for kind, grpc_probe in probes.items():
+        assert grpc_probe["port"] == _container_port("grpc"), kind
+        assert grpc_probe["service"] in SERVED_HEALTH_SERVICES, kind
+        # A failed policy reload must not unready every replica at once.
+        assert grpc_probe["service"] != POLICY_HEALTH_SERVICE, kind
+    assert probes["readinessProbe"]["service"] == AUTHORIZATION_SERVICE
+    assert probes["startupProbe"]["service"] == AUTHORIZATION_SERVICE
+
+
+async def test_the_probed_health_services_report_serving_in_process() -> None:
+    server = Server(Authorizer(PolicySet.empty()), Telemetry(None), listen="127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                service = CONTAINER[kind]["grpc"]["service"]
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, kind
+    finally:
+        await server.stop()
+
+
+def test_pod_runs_non_root_read_only_without_api_access() -> None:
+    pod_sc = POD["spec"]["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True
+    assert pod_sc["runAsUser"] != 0
+    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = CONTAINER["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert POD["spec"]["automountServiceAccountToken"] is False
+    assert POD["spec"]["serviceAccountName"] == _one("ServiceAccount")["metadata"]["name"]
+    # Python writes nowhere but /tmp (an emptyDir) and keeps no bytecode cache.
+    env = {e["name"]: e["value"] for e in CONTAINER["env"]}
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert any(m["mountPath"] == "/tmp" for m in CONTAINER["volumeMounts"])
+    resources = CONTAINER["resources"]
+    assert {"cpu", "memory"} <= resources["requests"].keys()
+    assert "memory" in resources["limits"]
+
+
+def test_replicas_are_spread_and_selected_by_the_pod_labels() -> None:
+    labels = POD["metadata"]["labels"]
+    selector = DEPLOYMENT["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    assert DEPLOYMENT["spec"]["replicas"] >= 2
+    assert DEPLOYMENT["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (anti,) = POD["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert anti["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    for spread in POD["spec"]["topologySpreadConstraints"]:
+        assert spread["labelSelector"]["matchLabels"] == selector
+
+
+# --- Service, PDB, HPA --------------------------------------------------------------------
+
+
+def test_services_select_the_pods_and_reach_the_grpc_port() -> None:
+    labels = POD["metadata"]["labels"]
+    services = {s["metadata"]["name"]: s for s in _all("Service")}
+    assert set(services) == {"extauthz", "extauthz-headless"}
+    assert services["extauthz-headless"]["spec"]["clusterIP"] == "None"
+    for svc in services.values():
+        assert svc["spec"]["selector"].items() <= labels.items()
+        (port,) = svc["spec"]["ports"]
+        assert port["port"] == 9191
+        assert _container_port(port["targetPort"]) == _container_port("grpc")
+        assert port["appProtocol"] == "grpc"
+        assert port["name"] == "grpc"
+
+
+def test_pdb_keeps_one_replica_of_these_pods() -> None:
+    pdb = _one("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == DEPLOYMENT["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= POD["metadata"]["labels"].items()
+
+
+def test_hpa_scales_the_deployment_on_cpu() -> None:
+    hpa = _one("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": DEPLOYMENT["apiVersion"],
+        "kind": "Deployment",
+        "name": DEPLOYMENT["metadata"]["name"],
+    }
+    assert 2 <= hpa["spec"]["minReplicas"] == DEPLOYMENT["spec"]["replicas"]
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    # minAvailable 1 leaves at least one replica a drain may move.
+    assert hpa["spec"]["minReplicas"] > _one("PodDisruptionBudget")["spec"]["minAvailable"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource"
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert "cpu" in CONTAINER["resources"]["requests"]  # Utilization is relative to it
+
+
+# --- ConfigMap ----------------------------------------------------------------------------
+
+
+def test_configmap_is_generated_from_the_policies_directory() -> None:
+    shipped = (DEPLOY / "kubernetes" / "configmap.yaml").read_text()
+    assert shipped == policy_configmap(policy_configmap_files(POLICIES)), (
+        "deploy/kubernetes/configmap.yaml is stale: "
+        "python -m extauthz.devtools.kube policies/ > deploy/kubernetes/configmap.yaml"
+    )
+
+
+def test_configmap_policies_load_lint_clean_and_pass_the_policy_tests(tmp_path: Path) -> None:
+    tree = _configmap_tree(tmp_path / "policies")
+    loaded = PolicySet.load(tree)
+    original = PolicySet.load(POLICIES)
+    assert not loaded.source.warnings
+    assert lint(loaded) == []
+    assert sorted(p.key for p in loaded.authz) == sorted(p.key for p in original.authz)
+    assert sorted(p.key for p in loaded.authn) == sorted(p.key for p in original.authn)
+    # The repository's policy tests pass against the ConfigMap's copy, too.
+    for case_file in POLICIES.rglob("*.test.yaml"):
+        shutil.copy(case_file, tree / case_file.name)
+    report = policytest.run(tree)
+    assert report.results
+    assert report.passed, [r.problems for r in report.results if not r.passed]
+
+
+def _kubelet_volume(root: Path, files: Mapping[str, str], version: str) -> None:
+    """The layout the kubelet writes a ConfigMap volume in: a timestamped directory, the
+    ``..data`` symlink to it (swapped atomically on update), and one symlink per key."""
+    data = root / f"..{version}"
+    for key, text in files.items():
+        (data / key).parent.mkdir(parents=True, exist_ok=True)
+        (data / key).write_text(text)
+    tmp = root / "..data_tmp"
+    tmp.symlink_to(data.name)
+    os.replace(tmp, root / "..data")
+    for top in {Path(key).parts[0] for key in files}:
+        link = root / top
+        if not link.is_symlink():
+            link.symlink_to(Path("..data") / top)
+
+
+async def test_a_configmap_update_reloads_through_the_kubelet_symlink_swap(tmp_path: Path) -> None:
+    files = dict(_one("ConfigMap", "extauthz-policies")["data"])
+    root = tmp_path / "volume"
+    root.mkdir()
+    _kubelet_volume(root, files, "2026_01_01_00_00_00.1")
+    authorizer = Authorizer(PolicySet.load(root), Settings())
+    reloader = PolicyReloader(authorizer, root, root_namespace="istio-system")
+    frontend_charges = CheckInput(
+        method="POST",
+        path="/payments/charge",
+        source_principal="spiffe://demo.local/ns/shop/sa/frontend",
+        context_extensions={"namespace": "shop", "labels": "app=payments"},
+    )
+    assert authorizer.check(frontend_charges).reason == "no_allow_policy_matched"
+
+    before = fingerprint(root, ())
+    files["shop.payments.yaml"] = files["shop.payments.yaml"].replace(
+        "principals: [demo.local/ns/shop/sa/orders]",
+        "principals: [demo.local/ns/shop/sa/orders, demo.local/ns/shop/sa/frontend]",
+    )
+    _kubelet_volume(root, files, "2026_01_01_00_01_00.2")
+    assert fingerprint(root, ()) != before
+    status = await reloader.reload()
+    assert status.ok
+    assert status.reloads == 1
+    assert authorizer.check(frontend_charges).outcome is Outcome.ALLOW
+
+
+def test_subdirectory_items_would_not_load_so_the_configmap_is_flat(tmp_path: Path) -> None:
+    # What `items: [{key: shop.orders.yaml, path: shop/orders.yaml}]` would produce: `shop`
+    # is a symlink to a directory, which the policy loader does not descend into.
+    root = tmp_path / "volume"
+    root.mkdir()
+    files = _one("ConfigMap", "extauthz-policies")["data"]
+    nested = {
+        (k.replace("shop.", "shop/", 1) if k.startswith("shop.") else k): v
+        for k, v in files.items()
+    }
+    _kubelet_volume(root, nested, "2026_01_01_00_00_00.1")
+    assert (root / "shop").is_symlink()
+    assert {p.key for p in PolicySet.load(root).authz} == set()  # shop/* silently absent
+    assert not any("/" in key for key in files)  # the shipped keys are flat
+
+
+# --- Istio --------------------------------------------------------------------------------
+
+
+def _istio_provider() -> dict[str, Any]:
+    (provider,) = _one("IstioOperator")["spec"]["meshConfig"]["extensionProviders"]
+    return provider  # type: ignore[no-any-return]
+
+
+def test_istio_provider_uses_only_istio_fields_and_reaches_the_service() -> None:
+    provider = _istio_provider()
+    grpc_provider = provider["envoyExtAuthzGrpc"]
+    assert set(grpc_provider) <= ISTIO_GRPC_PROVIDER_FIELDS, set(grpc_provider)
+    service = _one("Service", "extauthz")
+    assert (
+        grpc_provider["service"]
+        == f"{service['metadata']['name']}.{ISTIO_NAMESPACE_OF_EXTAUTHZ}.svc.cluster.local"
+    )
+    assert grpc_provider["port"] == service["spec"]["ports"][0]["port"]
+    assert grpc_provider["failOpen"] is False
+    assert grpc_provider["statusOnError"] == "503"
+    assert 0 < parse_duration(grpc_provider["timeout"]) <= 1
+
+
+def test_custom_policy_names_the_mesh_provider() -> None:
+    policy = _one("AuthorizationPolicy", "ext-authz")
+    assert policy["apiVersion"] == "security.istio.io/v1"
+    assert policy["spec"]["action"] == "CUSTOM"
+    assert policy["spec"]["provider"]["name"] == _istio_provider()["name"]
+    assert policy["spec"]["rules"] == [{}]
+
+
+def test_istio_destination_rule_ejects_failing_replicas_of_the_provider_service() -> None:
+    rule = _one("DestinationRule", "extauthz")
+    assert rule["spec"]["host"] == _istio_provider()["envoyExtAuthzGrpc"]["service"]
+    assert rule["metadata"]["namespace"] == ISTIO_NAMESPACE_OF_EXTAUTHZ
+    outlier = rule["spec"]["trafficPolicy"]["outlierDetection"]
+    assert outlier["consecutiveGatewayErrors"] > 0
+    assert outlier["maxEjectionPercent"] <= 50
+
+
+NAMESPACE_WIDE = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: payments-callers, namespace: shop}
+spec:
+  rules:
+    - from: [{source: {principals: [cluster.local/ns/shop/sa/orders]}}]
+"""
+
+
+def _istio_check(
+    caller: str, *, destination: str = "payments", td: str = "cluster.local"
+) -> CheckInput:
+    """What an Istio sidecar sends: principals from its mTLS, no context_extensions."""
+    return CheckInput(
+        method="POST",
+        path="/payments/charge",
+        source_principal=f"spiffe://{td}/ns/shop/sa/{caller}",
+        destination_principal=f"spiffe://{td}/ns/shop/sa/{destination}" if destination else "",
+    )
+
+
+def test_under_istio_the_workload_is_found_as_docs_deploy_md_says(tmp_path: Path) -> None:
+    """docs/deploy.md's claim, against Authorizer._workload: no context_extensions, so the
+    namespace is --namespace, else the destination principal's; labels only from --labels."""
+    (tmp_path / "p.yaml").write_text(NAMESPACE_WIDE)
+    namespace_wide = PolicySet.load(tmp_path)
+
+    # Namespace-wide policies work from the destination principal alone.
+    authz = Authorizer(namespace_wide, Settings())
+    assert authz.check(_istio_check("orders")).outcome is Outcome.ALLOW
+    assert authz.check(_istio_check("frontend")).reason == "no_allow_policy_matched"
+    # No destination principal (e.g. plain-text traffic) and no --namespace: refused.
+    assert authz.check(_istio_check("frontend", destination="")).reason == "workload_unknown"
+    # --namespace comes *before* the destination principal: one extauthz per namespace.
+    elsewhere = Authorizer(namespace_wide, Settings(workload_namespace="elsewhere"))
+    assert elsewhere.check(_istio_check("frontend")).outcome is Outcome.ALLOW
+
+    # Label-selecting policies (the shipped examples) need labels, which Istio cannot send.
+    examples = PolicySet.load(_configmap_tree(tmp_path / "examples"))
+    orders = _istio_check("orders", td="demo.local")
+    assert Authorizer(examples, Settings()).check(orders).reason == "workload_unknown"
+    with_labels = Authorizer(examples, Settings(workload_labels="app=payments"))
+    decision = with_labels.check(orders)
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.policy == "shop/payments"
 
 
 # --- envoy/front-proxy.yaml ---------------------------------------------------------------
