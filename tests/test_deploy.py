@@ -2,15 +2,24 @@
 
 The manifests are checked for what a cluster would only tell us at run time: flags extauthz
 really has, ports and names that agree across resources, probes on health services extauthz
-really serves, policies that load. The front proxy is validated by the real Envoy.
+really serves, policies that load. The front proxy is validated by the real Envoy and run
+against two extauthz replicas, one of which is stopped under load.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
-from collections.abc import Mapping
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +34,7 @@ from extauthz.cli import parser
 from extauthz.config import Settings
 from extauthz.decision import Outcome
 from extauthz.devtools.envoy import (
+    EnvoyProcess,
     dump_config,
     free_port,
     load_config,
@@ -32,7 +42,9 @@ from extauthz.devtools.envoy import (
     validate,
 )
 from extauthz.devtools.kube import policy_configmap, policy_configmap_files
+from extauthz.devtools.mesh import wait_serving
 from extauthz.devtools.pki import write_pki
+from extauthz.devtools.upstream import EchoServer
 from extauthz.duration import parse_duration
 from extauthz.policy.engine import PolicySet
 from extauthz.policy.lint import lint
@@ -590,3 +602,318 @@ def test_render_front_proxy_rejects_bad_arguments(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         _render(edge_certs, **overrides)
+
+
+# --- live: two extauthz replicas behind the front proxy -----------------------------------
+
+
+@dataclass
+class Replica:
+    """One `extauthz serve` process, started with the Deployment's own arguments."""
+
+    port: int
+    policies: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = list(CONTAINER["args"])
+        args[args.index("--listen") + 1] = f"127.0.0.1:{self.port}"
+        args[args.index("--policies") + 1] = str(self.policies)
+        env = {**os.environ, **{e["name"]: e["value"] for e in CONTAINER["env"]}}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "extauthz", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
+        wait_serving(f"127.0.0.1:{self.port}", self.proc, self.log)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int | None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+@dataclass
+class Edge:
+    port: int
+    certs: Mapping[str, Path]
+    envoy: EnvoyProcess
+
+    def call(
+        self,
+        caller: str | None,
+        method: str,
+        path: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=self.context(caller), timeout=5
+        )
+        try:
+            conn.request(method, path, headers={"host": "shop.example", **(headers or {})})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def context(self, caller: str | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.certs["ca"]))
+        ctx.check_hostname = False  # the edge's certificate names a SPIFFE ID, not a host
+        if caller is not None:
+            ctx.load_cert_chain(self.certs[caller], self.certs[f"{caller}-key"])
+        return ctx
+
+    def hosts(self) -> dict[int, dict[str, str]]:
+        """Per extauthz replica (by port): Envoy's host stats and health flags."""
+        out: dict[int, dict[str, str]] = {}
+        for line in self.envoy.admin_get("/clusters").splitlines():
+            # extauthz::127.0.0.1:9191::rq_total::12 (cluster-wide lines have no address)
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == "extauthz" and parts[1].startswith("127.0.0.1:"):
+                out.setdefault(int(parts[1].rpartition(":")[2]), {})[parts[2]] = parts[3]
+        return out
+
+    def checks(self) -> dict[int, int]:
+        return {port: int(s["rq_total"]) for port, s in self.hosts().items()}
+
+    def diagnosis(self) -> str:
+        """Envoy's view of the checks, for assertion messages."""
+        stats = [
+            line
+            for line in self.envoy.admin_get("/stats?filter=extauthz|ext_authz").splitlines()
+            if not line.endswith(": 0")
+        ]
+        flags = {port: h["health_flags"] for port, h in self.hosts().items()}
+        return f"{flags}\n" + "\n".join(stats) + f"\n{self.envoy.log_tail(10)}"
+
+    def counter(self, name: str) -> int:
+        for line in self.envoy.admin_get(f"/stats?filter=^{re.escape(name)}$").splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        raise AssertionError(f"no counter {name}")
+
+    def wait_health(self, port: int, healthy: bool, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (self.hosts()[port]["health_flags"] == "healthy") != healthy:
+            assert time.monotonic() < deadline, f"{port}: {self.hosts()[port]}"
+            time.sleep(0.05)
+
+
+@dataclass
+class Load:
+    """Requests from `orders` (allowed) in a loop on one kept-alive connection."""
+
+    edge: Edge
+    statuses: list[int] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Load:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        ctx = self.edge.context("orders")
+        conn: http.client.HTTPSConnection | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPSConnection(
+                        "127.0.0.1", self.edge.port, context=ctx, timeout=5
+                    )
+                conn.request("POST", "/payments/charge", headers={"content-length": "0"})
+                resp = conn.getresponse()
+                resp.read()
+                self.statuses.append(resp.status)
+            except (OSError, http.client.HTTPException) as exc:
+                self.failures.append(repr(exc))
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    @property
+    def errors(self) -> int:
+        return sum(s != 200 for s in self.statuses) + len(self.failures)
+
+
+@pytest.fixture
+def edge(tmp_path: Path, edge_certs: dict[str, Path]) -> Iterator[tuple[Edge, list[Replica]]]:
+    policies = _configmap_tree(tmp_path / "policies")  # the ConfigMap's policies, as mounted
+    replicas = [Replica(free_port(), policies, tmp_path / f"extauthz-{i}.log") for i in range(2)]
+    upstreams = {name: EchoServer(name).start() for name in ("frontend", "payments")}
+    listen, admin = free_port(), free_port()
+    config = _render(
+        edge_certs,
+        listen_port=listen,
+        admin_port=admin,
+        extauthz_ports=[r.port for r in replicas],
+        upstream_ports={name: u.port for name, u in upstreams.items()},
+    )
+    envoy = EnvoyProcess(config, workdir=tmp_path, admin_port=admin)
+    try:
+        for replica in replicas:
+            replica.start()
+        envoy.start()
+        yield Edge(listen, edge_certs, envoy), replicas
+    finally:
+        envoy.stop()
+        for replica in replicas:
+            replica.stop(signal.SIGKILL)
+        for upstream in upstreams.values():
+            upstream.stop()
+
+
+# caller (None: no client certificate), method, path, extra headers -> status, reason
+EDGE_CASES = [
+    ("orders", "POST", "/payments/charge", {}, 200, ""),
+    ("frontend", "POST", "/payments/charge", {}, 403, "no_allow_policy_matched"),
+    (None, "POST", "/payments/charge", {}, 403, "no_allow_policy_matched"),
+    ("orders", "POST", "/payments/charge", {"x-amount": "20000"}, 422, ""),
+    # SANITIZE_SET: a forged XFCC naming orders does not make frontend orders.
+    (
+        "frontend",
+        "POST",
+        "/payments/charge",
+        {"x-forwarded-client-cert": "URI=spiffe://demo.local/ns/shop/sa/orders"},
+        403,
+        "no_allow_policy_matched",
+    ),
+    (None, "GET", "/", {}, 200, ""),
+    ("frontend", "GET", "/catalog", {}, 200, ""),
+    ("frontend", "GET", "/admin", {}, 403, "denied_by_policy"),
+    # Normalized before the check: these are /admin, so the DENY applies.
+    ("frontend", "GET", "//admin", {}, 403, "denied_by_policy"),
+    ("frontend", "GET", "/static/../admin", {}, 403, "denied_by_policy"),
+    # `x_user` is refused by the edge itself: no second spelling of `x-user` upstream.
+    ("frontend", "GET", "/", {"x_user": "admin"}, 400, ""),
+]
+
+
+@dataclass(frozen=True)
+class Outage:
+    """What clients and Envoy saw while one replica was stopped under load."""
+
+    requests: int  # sent by the load while the replica went away and for 1 s after
+    errors: int  # answers other than 200 (503: no replica answered) and connection errors
+    retried: int  # checks Envoy retried on the other replica (invisible to clients)
+    flagged_after: float  # seconds until Envoy's /clusters showed the replica not healthy
+
+
+# Stopping one of two replicas under load: at most this many failed client requests (0 in
+# every run so far, thanks to the check's retry on the other replica; docs/deploy.md).
+MAX_ERRORS_PER_STOP = 2
+
+
+def _stop_under_load(front: Edge, replica: Replica, sig: signal.Signals) -> Outage:
+    retries = front.counter("cluster.extauthz.upstream_rq_retry")
+    with Load(front) as load:
+        time.sleep(0.5)
+        stopped = time.monotonic()
+        replica.stop(sig)
+        front.wait_health(replica.port, healthy=False)
+        flagged = time.monotonic() - stopped
+        answered = len(load.statuses)
+        time.sleep(1.0)
+        assert len(load.statuses) - answered > 20  # still answered, by the other replica
+    return Outage(
+        len(load.statuses) + len(load.failures),
+        load.errors,
+        front.counter("cluster.extauthz.upstream_rq_retry") - retries,
+        flagged,
+    )
+
+
+def test_two_replicas_behind_the_front_proxy_share_checks_and_survive_a_stop(
+    edge: tuple[Edge, list[Replica]],
+) -> None:
+    front, (a, b) = edge
+    for replica in (a, b):  # the Deployment's probes, asked of the real processes
+        with grpc.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                request = health_pb2.HealthCheckRequest(service=CONTAINER[kind]["grpc"]["service"])
+                assert health.Check(request).status == health_pb2.HealthCheckResponse.SERVING
+    front.wait_health(a.port, healthy=True)
+    front.wait_health(b.port, healthy=True)
+
+    # Allowed and denied, as the ConfigMap's policies say, whichever replica answers.
+    before = front.checks()
+    retries = front.counter("cluster.extauthz.upstream_rq_retry")
+    rounds = 5
+    for _ in range(rounds):
+        for caller, method, path, headers, status, reason in EDGE_CASES:
+            got, _, body = front.call(caller, method, path, headers)
+            assert got == status, (caller, method, path, got, body, front.diagnosis())
+            if reason:
+                assert yaml.safe_load(body)["reason"] == reason
+            if got == 200 and path.startswith("/payments/"):
+                seen = yaml.safe_load(body)["headers"]
+                assert seen["x-extauthz-spiffe-id"] == "spiffe://demo.local/ns/shop/sa/orders"
+                # Without --trust-xfcc (the Deployment's args) extauthz strips even the
+                # edge's own XFCC: x-extauthz-spiffe-id is the upstream's source of truth.
+                assert "x-forwarded-client-cert" not in seen
+    after = front.checks()
+    # One check per request that reaches ext_authz (health checks are not counted here; a
+    # retried check is a second one); the 400 is Envoy's own answer, before any check.
+    checked = rounds * sum(case[4] != 400 for case in EDGE_CASES)
+    retried = front.counter("cluster.extauthz.upstream_rq_retry") - retries
+    per_replica = {port: after[port] - before[port] for port in after}
+    print(f"\nchecks per replica for {checked} checked requests: {per_replica}")
+    assert sum(per_replica.values()) == checked + retried, front.diagnosis()
+    assert all(n >= checked * 0.4 for n in per_replica.values()), per_replica  # round robin
+
+    # 1. SIGTERM, as Kubernetes stops a pod: extauthz goes NOT_SERVING, refuses new checks
+    # and drains the ones in flight.
+    graceful = _stop_under_load(front, a, signal.SIGTERM)
+    print(f"SIGTERM a: {graceful}")
+    b_only = front.checks()
+    assert front.call("orders", "POST", "/payments/charge")[0] == 200, front.diagnosis()
+    assert front.checks()[b.port] == b_only[b.port] + 1
+
+    # 2. Back, as the replacement pod: healthy after one passing health check.
+    a.start()
+    started = time.monotonic()
+    front.wait_health(a.port, healthy=True)
+    first = front.checks()[a.port]
+    while front.checks()[a.port] == first:
+        assert time.monotonic() - started < 10, front.diagnosis()
+        assert front.call("orders", "POST", "/payments/charge")[0] == 200, front.diagnosis()
+    print(f"a back: checked again {time.monotonic() - started:.2f} s after it was serving")
+    before = front.checks()
+    for _ in range(20):
+        assert front.call("orders", "POST", "/payments/charge")[0] == 200, front.diagnosis()
+    assert front.checks()[a.port] - before[a.port] >= 8, front.diagnosis()
+
+    # 3. SIGKILL, as a crashed replica: no drain, no NOT_SERVING, connections just die.
+    crashed = _stop_under_load(front, b, signal.SIGKILL)
+    print(f"SIGKILL b: {crashed}")
+
+    assert graceful.errors <= MAX_ERRORS_PER_STOP, (graceful, front.diagnosis())
+    assert crashed.errors <= MAX_ERRORS_PER_STOP, (crashed, front.diagnosis())
+
+    # 4. No replica left: fail closed with 503, never a pass-through.
+    a.stop(signal.SIGTERM)
+    front.wait_health(a.port, healthy=False)
+    status, _, _ = front.call("orders", "POST", "/payments/charge")
+    assert status == 503
