@@ -6,6 +6,7 @@ beyond the package's runtime dependencies and an ``envoy`` binary.
 
 from __future__ import annotations
 
+import copy
 import http.client
 import os
 import shutil
@@ -16,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -29,6 +30,7 @@ __all__ = [
     "find_envoy",
     "free_port",
     "load_config",
+    "render_front_proxy",
     "render_sidecar",
     "validate",
 ]
@@ -113,7 +115,7 @@ def render_sidecar(
 
     listener = _named(config, "listeners", "inbound", template)
     listener["address"]["socket_address"]["port_value"] = listen_port
-    _set_tls_files(listener, certs, template)
+    _set_tls_files(listener, certs, template, "inbound")
 
     if extauthz_unix is not None:
         _check_unix_path(extauthz_unix)
@@ -136,6 +138,62 @@ def render_sidecar(
             raise ValueError(f"{template}: no ext_authz typed_per_filter_config on 'inbound'")
         for s in settings:
             s["context_extensions"] = dict(context_extensions)
+    return config
+
+
+def render_front_proxy(
+    template: Path,
+    *,
+    listen_port: int,
+    admin_port: int,
+    extauthz_ports: Sequence[int],
+    upstream_ports: Mapping[str, int],
+    certs: Mapping[str, Path],
+) -> dict[str, Any]:
+    """Adapt the front-proxy template to a local run: loopback everywhere, given ports and certs.
+
+    The ``extauthz`` cluster gets one endpoint per port of ``extauthz_ports`` (one per
+    replica), shaped like the template's first endpoint. ``upstream_ports`` maps the name of
+    every other cluster to the port of its single endpoint; a cluster left out is an error, so
+    that no request can reach an address from the template. ``certs`` needs ``ca``, ``cert``
+    and ``key`` (the edge's own certificate).
+    """
+    if not extauthz_ports:
+        raise ValueError("extauthz_ports must name at least one replica")
+    if missing := {"ca", "cert", "key"} - certs.keys():
+        raise ValueError(f"certs is missing {sorted(missing)}")
+
+    config = load_config(template)
+    for sock in _find_key(config, "socket_address"):
+        sock["address"] = "127.0.0.1"
+    try:
+        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    except (KeyError, TypeError):
+        raise ValueError(f"{template}: no admin.address.socket_address") from None
+
+    listener = _named(config, "listeners", "edge", template)
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    _set_tls_files(listener, certs, template, "edge")
+
+    cluster = _named(config, "clusters", "extauthz", template)
+    groups = cluster.get("load_assignment", {}).get("endpoints", [])
+    if not groups or not groups[0].get("lb_endpoints"):
+        raise ValueError(f"{template}: cluster 'extauthz' has no endpoint to copy")
+    shape = groups[0]["lb_endpoints"][0]
+    replicas = []
+    for port in extauthz_ports:
+        lb = copy.deepcopy(shape)
+        lb["endpoint"]["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+        replicas.append(lb)
+    cluster["load_assignment"]["endpoints"] = [{**groups[0], "lb_endpoints": replicas}]
+
+    others = {c["name"] for c in config["static_resources"]["clusters"]} - {"extauthz"}
+    if unknown := upstream_ports.keys() - others:
+        raise ValueError(f"{template}: no static cluster named {sorted(unknown)}")
+    if unset := others - upstream_ports.keys():
+        raise ValueError(f"upstream_ports has no port for cluster(s) {sorted(unset)}")
+    for name, port in upstream_ports.items():
+        _endpoint(config, name, template)["address"]["socket_address"]["port_value"] = port
     return config
 
 
@@ -332,7 +390,9 @@ def _endpoint(config: dict[str, Any], cluster: str, template: Path) -> dict[str,
     return endpoint
 
 
-def _set_tls_files(listener: dict[str, Any], certs: Mapping[str, Path], template: Path) -> None:
+def _set_tls_files(
+    listener: dict[str, Any], certs: Mapping[str, Path], template: Path, name: str
+) -> None:
     chains = list(listener.get("filter_chains", []))
     if "default_filter_chain" in listener:
         chains.append(listener["default_filter_chain"])
@@ -342,7 +402,7 @@ def _set_tls_files(listener: dict[str, Any], certs: Mapping[str, Path], template
         if chain.get("transport_socket", {}).get("name") == _TLS_SOCKET
     ]
     if not contexts:
-        raise ValueError(f"{template}: listener 'inbound' has no TLS transport socket")
+        raise ValueError(f"{template}: listener {name!r} has no TLS transport socket")
     # Absolute, because Envoy resolves relative filenames against its own cwd.
     ca, cert, key = (str(Path(certs[k]).absolute()) for k in ("ca", "cert", "key"))
     for ctx in contexts:
