@@ -32,7 +32,7 @@ from .errors import ConfigError, PolicyError
 from .identity.mint import SigningKey, TokenMinter
 from .policy.engine import PolicySet
 from .policy.explain import Explanation
-from .policy.source import POLICY_SUFFIXES, Node, load_text
+from .policy.source import POLICY_SUFFIXES, Node, load_text, walk
 from .probe import parse_probe
 from .response import to_check_response
 
@@ -72,10 +72,8 @@ class Report:
 def case_files(directory: Path) -> list[Path]:
     return sorted(
         p
-        for p in directory.rglob("*.test.*")
-        if p.suffix in POLICY_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        for p in walk(directory)
+        if p.suffix in POLICY_SUFFIXES and ".test." in p.name and p.is_file()
     )
 
 

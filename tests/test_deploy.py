@@ -366,9 +366,16 @@ async def test_a_configmap_update_reloads_through_the_kubelet_symlink_swap(tmp_p
     assert authorizer.check(frontend_charges).outcome is Outcome.ALLOW
 
 
-def test_subdirectory_items_would_not_load_so_the_configmap_is_flat(tmp_path: Path) -> None:
-    # What `items: [{key: shop.orders.yaml, path: shop/orders.yaml}]` would produce: `shop`
-    # is a symlink to a directory, which the policy loader does not descend into.
+def _flat_volume(tmp_path: Path, files: dict[str, str]) -> Path:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _kubelet_volume(flat, files, "2026_01_01_00_00_00.1")
+    return flat
+
+
+def test_subdirectory_items_load_through_the_symlinked_directories(tmp_path: Path) -> None:
+    # What `items: [{key: shop.orders.yaml, path: shop/orders.yaml}]` produces: `shop` is a
+    # symlink into `..data`. The loader follows it (it once skipped it silently).
     root = tmp_path / "volume"
     root.mkdir()
     files = _one("ConfigMap", "extauthz-policies")["data"]
@@ -378,7 +385,8 @@ def test_subdirectory_items_would_not_load_so_the_configmap_is_flat(tmp_path: Pa
     }
     _kubelet_volume(root, nested, "2026_01_01_00_00_00.1")
     assert (root / "shop").is_symlink()
-    assert {p.key for p in PolicySet.load(root).authz} == set()  # shop/* silently absent
+    flat = PolicySet.load(_flat_volume(tmp_path, files))
+    assert {p.key for p in PolicySet.load(root).authz} == {p.key for p in flat.authz} != set()
     assert not any("/" in key for key in files)  # the shipped keys are flat
 
 

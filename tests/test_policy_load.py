@@ -690,3 +690,20 @@ def test_a_policy_in_a_test_file_is_an_error_not_silently_skipped(tmp_path: Path
         PolicySet.load(tmp_path)
     assert "deny.test.yaml" in str(err.value)
     assert "never enforced: rename it" in str(err.value)
+
+
+def test_symlinked_directories_are_followed_once_and_loops_end(tmp_path: Path) -> None:
+    """A ConfigMap volume's subdirectories are symlinks into ``..data``; a loop must end."""
+    real = tmp_path / "real"
+    (real / "shop").mkdir(parents=True)
+    (real / "shop" / "p.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: p, namespace: shop}\nspec: {}\n"
+    )
+    (real / "shop" / "loop").symlink_to(real)  # a cycle back to the top
+    root = tmp_path / "volume"
+    root.mkdir()
+    (root / "shop").symlink_to(real / "shop")
+    (root / ".hidden").symlink_to(real / "shop")  # hidden: skipped
+    policies = PolicySet.load(root)
+    assert [p.key for p in policies.authz] == ["shop/p"]

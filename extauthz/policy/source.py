@@ -7,6 +7,7 @@ that validation can say ``policies/shop.yaml:14: rules[0].to[0].operation: unkno
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,13 +111,28 @@ def policy_files(directory: Path) -> list[Path]:
         raise PolicyError(f"policy directory {directory} does not exist or is not a directory")
     files = [
         p
-        for p in directory.rglob("*")
+        for p in walk(directory)
         if p.suffix in POLICY_SUFFIXES
         and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
         and not p.name.endswith((".test.yaml", ".test.yml"))
     ]
     return sorted(files)
+
+
+def walk(directory: Path) -> Iterator[Path]:
+    """Every non-hidden path below ``directory``, following symlinked directories (a
+    ConfigMap volume's subdirectories are symlinks into ``..data``), each real one once."""
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop, or two links to one directory
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith("."):
+                yield Path(root, name)
 
 
 _RESOURCE_LINE = re.compile(r"^(apiVersion|kind):", re.MULTILINE)
@@ -125,8 +141,8 @@ _RESOURCE_LINE = re.compile(r"^(apiVersion|kind):", re.MULTILINE)
 def misnamed_policies(directory: Path) -> list[Path]:
     """``*.test.yaml`` files that hold resources: skipped as tests, so never enforced."""
     out: list[Path] = []
-    for p in sorted(directory.rglob("*.test.y*ml")):
-        if any(part.startswith(".") for part in p.relative_to(directory).parts):
+    for p in walk(directory):
+        if not p.name.endswith((".test.yaml", ".test.yml")):
             continue
         if not p.is_file():  # a FIFO would block the read (and the reload) forever
             continue
