@@ -41,6 +41,8 @@ class Decision:
     ``client_headers`` go to the caller on deny (e.g. ``www-authenticate``);
     ``deny_response``, set by an ``extauthz.io`` policy, replaces the default deny status/body.
     ``token_audience`` is the ``aud`` of the token minted for the upstream ("" if none).
+    ``namespace`` is the protected workload's (the one whose policies decided), ``audiences``
+    the verified token's ``aud``: both for telemetry.
     """
 
     outcome: Outcome
@@ -62,6 +64,8 @@ class Decision:
     client_headers: tuple[Header, ...] = ()
     deny_response: DenyResponse | None = None
     token_audience: str = ""
+    namespace: str = ""
+    audiences: tuple[str, ...] = ()
 
     @property
     def allowed(self) -> bool:
