@@ -98,6 +98,15 @@ def _jwks_listen_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve the metrics for Prometheus to scrape at http://HOST:PORT/metrics "
+        "(default: off; OTLP export is set by OTEL_METRICS_EXPORTER)",
+    )
+
+
 def _jwks_fetch_args(p: argparse.ArgumentParser) -> None:
     d = FetchSettings()
     p.add_argument(
@@ -188,6 +197,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         signing_key=args.signing_key,
         token_issuer=args.token_issuer,
         jwks_listen=getattr(args, "jwks_listen", None),
+        metrics_listen=getattr(args, "metrics_listen", None),
     )
 
 
@@ -239,7 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if settings.policies is not None
         else None
     )
-    telemetry = Telemetry.from_env()
+    telemetry = Telemetry.from_env(metrics_listen=settings.metrics_listen)
     telemetry.observe_keys(keys)
     server = Server(
         authorizer,
@@ -329,6 +339,7 @@ def parser() -> argparse.ArgumentParser:
     _serve_args(serve)
     _admin_args(serve)
     _jwks_listen_args(serve)
+    _metrics_args(serve)
     serve.set_defaults(func=cmd_serve)
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)

@@ -48,3 +48,5 @@ class Settings:
     signing_key: Path | None = None
     token_issuer: str = DEFAULT_ISSUER
     jwks_listen: str | None = None
+    # The Prometheus scrape endpoint (None: off).
+    metrics_listen: str | None = None

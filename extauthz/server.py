@@ -38,9 +38,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEADLINE_MARGIN_SECONDS = 0.02
 
 # Built at import: the answer of last resort must not itself be able to fail.
-_LAST_RESORT = to_check_response(
-    Decision(Outcome.ERROR, "internal_error", "the authorization server failed to decide", "")
-)
+_FAILED = Decision(Outcome.ERROR, "internal_error", "the authorization server failed to decide", "")
+_LAST_RESORT = to_check_response(_FAILED)
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -58,7 +57,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self.recent = recent
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        start = time.time_ns()
+        telemetry = self.telemetry
+        telemetry.in_flight += 1
+        try:
+            return await self._check(request, context)
+        finally:
+            telemetry.in_flight -= 1
+
+    async def _check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        start = time.perf_counter_ns()
         try:
             inp: CheckInput | None = from_check_request(request)
         except ExtAuthzError as exc:
@@ -66,7 +73,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             decision = self.authorizer.refuse(exc)
         except Exception:
             log.exception("cannot read CheckRequest; denying")
-            return _LAST_RESORT
+            return self._last_resort(None, start, context)
         # The snapshot ``check`` will decide on: no await in between, so no reload either.
         snapshot = self.authorizer.policies if self.recent is not None else None
         try:
@@ -75,7 +82,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             response = to_check_response(decision)
         except Exception:
             log.exception("cannot build CheckResponse; denying")
-            return _LAST_RESORT
+            return self._last_resort(inp, start, context)
         if self.recent is not None and snapshot is not None:
             try:
                 self.recent.record(decision, inp, snapshot)
@@ -86,6 +93,14 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         except Exception:
             log.exception("telemetry failed for decision %s", decision.decision_id)
         return response
+
+    def _last_resort(self, inp: CheckInput | None, start: int, context: Any) -> Any:
+        """The answer of last resort, counted (and traced) as the error it is."""
+        try:
+            self.telemetry.record(_FAILED, inp, start, context.invocation_metadata() or ())
+        except Exception:
+            log.exception("telemetry failed for a failed decision")
+        return _LAST_RESORT
 
 
 def _key_wait(servicer: AuthorizationServicer, context: Any) -> float:
