@@ -3,8 +3,9 @@
 The propagators are composed once at startup from ``OTEL_PROPAGATORS`` (names of the
 ``opentelemetry_propagator`` entry points: ``tracecontext``, ``baggage``, ``b3``, ``b3multi``,
 ``none``). Unset, extauthz extracts B3 (single ``b3`` header and multi ``x-b3-*``) then W3C
-``traceparent``/``tracestate`` and ``baggage``: a composite lets a later propagator replace
-what an earlier one found, so W3C wins when a request carries both.
+``traceparent``/``tracestate`` and ``baggage``: as in OpenTelemetry's composite propagator,
+a later propagator's find replaces an earlier one's, so W3C wins when a request carries
+both.
 
 Per Check the context comes from the ext_authz call's gRPC metadata (Envoy sets it there
 with tracing on; its span is the decision span's parent), else from the HTTP headers of the
@@ -16,13 +17,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.b3 import B3MultiFormat
-from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import SpanContext, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -30,18 +30,16 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from .errors import ConfigError
 
 
-def propagator_from_env(environ: Mapping[str, str] = os.environ) -> TextMapPropagator:
-    """The composite ``OTEL_PROPAGATORS`` names (default: B3 extraction, then W3C)."""
+def propagators_from_env(environ: Mapping[str, str] = os.environ) -> list[TextMapPropagator]:
+    """The ``OTEL_PROPAGATORS`` composition, in order (default: B3, then W3C and baggage)."""
     configured = environ.get("OTEL_PROPAGATORS", "").strip()
     if not configured:
         # B3MultiFormat extracts the single b3 header too (it looks there first).
-        return CompositePropagator(
-            [B3MultiFormat(), TraceContextTextMapPropagator(), W3CBaggagePropagator()]
-        )
+        return [B3MultiFormat(), TraceContextTextMapPropagator(), W3CBaggagePropagator()]
     names = [n.strip().lower() for n in configured.split(",") if n.strip()]
     if "none" in names:
-        return CompositePropagator([])
-    return CompositePropagator([_load(name) for name in names])
+        return []
+    return [_load(name) for name in names]
 
 
 def _load(name: str) -> TextMapPropagator:
@@ -56,10 +54,14 @@ def _load(name: str) -> TextMapPropagator:
 
 
 class Parent:
-    """Finds the remote parent of a decision span."""
+    """Finds the remote parent of a decision span with these propagators (in composition
+    order: the last one that finds a span wins, as in a ``CompositePropagator``)."""
 
-    def __init__(self, propagator: TextMapPropagator) -> None:
-        self.propagator = propagator
+    def __init__(self, propagators: Sequence[TextMapPropagator]) -> None:
+        # Last to first, stopping at the first span found: the composite's answer, with one
+        # extraction when the favourite format is there. Baggage never sets a span, and the
+        # decision span has no use for it.
+        self.order = [p for p in reversed(propagators) if not isinstance(p, W3CBaggagePropagator)]
 
     def extract(
         self, metadata: Iterable[tuple[str, Any]], headers: Mapping[str, str]
@@ -73,8 +75,9 @@ class Parent:
         for source in (carrier, headers):
             if not source:
                 continue
-            context = self.propagator.extract(source)
-            span = get_current_span(context).get_span_context()
-            if span.is_valid:
-                return context, span
+            for propagator in self.order:
+                context = propagator.extract(source)
+                span = get_current_span(context).get_span_context()
+                if span.is_valid:
+                    return context, span
         return None

@@ -56,7 +56,7 @@ from .decision import Decision, Outcome
 from .errors import ConfigError
 from .identity.jwks import KeySetRegistry
 from .identity.jwt import TOKEN_CACHE_TOTALS
-from .propagation import Parent, propagator_from_env
+from .propagation import Parent, propagators_from_env
 from .request import CheckInput
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ class Telemetry:
         provider: TracerProvider | None,
         meter_provider: MeterProvider | None = None,
         *,
-        propagator: TextMapPropagator | None = None,
+        propagators: Sequence[TextMapPropagator] | None = None,
         metrics_server: MetricsServer | None = None,
     ) -> None:
         self.provider = provider
@@ -255,7 +255,11 @@ class Telemetry:
         self._owned_meter_provider: SdkMeterProvider | None = None
         self._processors: list[SpanProcessor] = []
         self._backlogs: list[_Backlog] = []
-        self._parent = Parent(propagator or propagator_from_env()) if provider is not None else None
+        self._parent = (
+            Parent(propagators_from_env() if propagators is None else propagators)
+            if provider is not None
+            else None
+        )
         self._scope = InstrumentationScope("extauthz", __version__)
         self._value_limit = SpanLimits().max_span_attribute_length
         meter = (meter_provider or metrics.get_meter_provider()).get_meter("extauthz", __version__)
@@ -414,7 +418,7 @@ class Telemetry:
             metrics_listen = f"{host}:{port}"
             listen_flag = "OTEL_EXPORTER_PROMETHEUS_HOST:PORT"
         tracing = bool(exporters or extra)
-        propagator = propagator_from_env() if tracing else None
+        propagators = propagators_from_env() if tracing else None
         attrs = {} if "OTEL_SERVICE_NAME" in os.environ else {SERVICE_NAME: "extauthz"}
         resource = Resource.create(attrs)
         # Last: it binds a port, and nothing after it may fail.
@@ -429,7 +433,7 @@ class Telemetry:
             else None
         )
         provider = TracerProvider(resource=resource, shutdown_on_exit=False) if tracing else None
-        telemetry = cls(provider, meter_provider, propagator=propagator, metrics_server=server)
+        telemetry = cls(provider, meter_provider, propagators=propagators, metrics_server=server)
         telemetry._owned_meter_provider = meter_provider
         for exporter in exporters:
             telemetry.add_exporter(exporter)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import pytest
 
 from extauthz.errors import ConfigError
-from extauthz.propagation import Parent, propagator_from_env
+from extauthz.propagation import Parent, propagators_from_env
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"
@@ -36,7 +36,7 @@ def parent(
     env: Mapping[str, str] | None = None,
 ) -> tuple[str, str, bool] | None:
     """(trace id, span id, sampled) of the parent found, or None."""
-    found = Parent(propagator_from_env(env or {})).extract(metadata.items(), headers or {})
+    found = Parent(propagators_from_env(env or {})).extract(metadata.items(), headers or {})
     if found is None:
         return None
     _, span = found
@@ -81,7 +81,7 @@ def test_w3c_wins_over_b3_in_one_carrier_by_default() -> None:
 
 
 def test_tracestate_is_carried() -> None:
-    found = Parent(propagator_from_env({})).extract(
+    found = Parent(propagators_from_env({})).extract(
         [*W3C.items(), ("tracestate", "vendor=x,other=y")], {}
     )
     assert found is not None
@@ -107,4 +107,4 @@ def test_otel_propagators_selects_the_formats(setting: str, w3c: bool, b3: bool)
 
 def test_unknown_propagator_is_refused_at_startup() -> None:
     with pytest.raises(ConfigError, match=r"unknown propagator 'xray'.*tracecontext"):
-        propagator_from_env({"OTEL_PROPAGATORS": "tracecontext,xray"})
+        propagators_from_env({"OTEL_PROPAGATORS": "tracecontext,xray"})
