@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -18,10 +19,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler, SamplingResult
 from otel_helpers import points
 
+from extauthz.authorizer import Authorizer
+from extauthz.config import Settings
 from extauthz.decision import Decision, Outcome
 from extauthz.devtools.collector import Collector
 from extauthz.devtools.envoy import free_port
 from extauthz.errors import ConfigError
+from extauthz.policy.engine import PolicySet
 from extauthz.request import CheckInput
 from extauthz.telemetry import DURATION_BUCKETS, SPAN_NAME, Telemetry, span_attributes
 
@@ -467,3 +471,36 @@ def test_no_span_is_built_while_the_export_queue_is_full(monkeypatch: pytest.Mon
     assert sampler.calls == before + 1  # drained: spans are built again
     assert telemetry.shutdown(timeout=5)
     assert stuck.exported == before + 1
+
+
+@pytest.mark.parametrize(
+    ("principal", "reason", "spiffe_id"),
+    [
+        # The caller is known; what failed was its trust domain: the span says who it was.
+        (
+            "spiffe://other.td/ns/a/sa/b",
+            "spiffe_trust_domain_untrusted",
+            "spiffe://other.td/ns/a/sa/b",
+        ),
+        # The caller's identity itself is what failed: nothing to say about it.
+        ("spiffe://td/ns/a/sa/b/../c", "spiffe_id_invalid", ""),
+    ],
+    ids=["untrusted", "malformed"],
+)
+def test_a_refusal_keeps_the_workload_and_a_caller_it_knows(
+    principal: str, reason: str, spiffe_id: str
+) -> None:
+    authorizer = Authorizer(PolicySet.empty(), Settings(trust_domains=frozenset({"td"})))
+    inp = CheckInput(
+        method="GET",
+        path="/",
+        source_principal=principal,
+        context_extensions=MappingProxyType({"namespace": "shop"}),
+    )
+    decision = authorizer.check(inp)
+    assert (decision.outcome, decision.reason) == (Outcome.UNAUTHENTICATED, reason)
+    assert decision.namespace == "shop"
+    assert decision.spiffe_id == spiffe_id
+    attrs = span_attributes(decision, inp)
+    assert attrs["extauthz.workload.namespace"] == "shop"
+    assert attrs.get("extauthz.source.spiffe_id", "") == spiffe_id
