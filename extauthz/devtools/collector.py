@@ -24,6 +24,8 @@ from opentelemetry.proto.collector.metrics.v1 import (
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 T = TypeVar("T")
+_TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+_METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,16 @@ class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
 
 
 class Collector:
-    """OTLP/gRPC trace and metrics receiver; a context manager that starts and stops it."""
+    """OTLP/gRPC trace and metrics receiver; a context manager that starts and stops it.
 
-    def __init__(self) -> None:
+    With ``keep=False`` it only counts the export requests and their bytes, unparsed: a
+    benchmark's collector must cost its machine as little as possible.
+    """
+
+    def __init__(self, *, keep: bool = True) -> None:
+        self.keep = keep
+        self.requests = 0
+        self.received_bytes = 0
         self.port = 0
         self._spans: list[Received] = []
         self._metrics: list[Received] = []
@@ -92,10 +101,19 @@ class Collector:
 
     def start(self) -> Self:
         server = grpc.server(futures.ThreadPoolExecutor(4, thread_name_prefix="collector"))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(self), server)  # type: ignore[no-untyped-call]
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            _Metrics(self), server
-        )
+        if self.keep:
+            trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(self), server)  # type: ignore[no-untyped-call]
+            metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+                _Metrics(self), server
+            )
+        else:
+            count = grpc.unary_unary_rpc_method_handler(self._count)  # bytes in, bytes out
+            server.add_generic_rpc_handlers(
+                [
+                    grpc.method_handlers_generic_handler(service, {"Export": count})
+                    for service in (_TRACE_SERVICE, _METRICS_SERVICE)
+                ]
+            )
         self.port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         self._server = server
@@ -116,6 +134,12 @@ class Collector:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def _count(self, request: bytes, context: Any) -> bytes:
+        with self._cond:
+            self.requests += 1
+            self.received_bytes += len(request)
+        return b""  # an empty Export*ServiceResponse
 
     def _add(self, into: list[Received], items: list[Received]) -> None:
         with self._cond:
