@@ -162,10 +162,14 @@ class Authorizer:
         except ExtAuthzError as exc:
             if refresh is not None and isinstance(exc, TokenError) and exc.refresh is not None:
                 refresh.append(exc.refresh)
-            refused = self.refuse(exc, decision_id)
-            if snapshot is None:
-                return refused
-            return replace(refused, policy_revision=policies.revision)
+            namespace, principal, spiffe_id = self._known_before(inp)
+            return replace(
+                self.refuse(exc, decision_id),
+                policy_revision=policies.revision,
+                namespace=namespace,
+                principal=principal,
+                spiffe_id=spiffe_id,
+            )
         except Exception:
             # Fail closed: a bug must never become an allow or an RPC error.
             log.exception("decision %s failed; denying", decision_id)
@@ -176,6 +180,19 @@ class Authorizer:
                 decision_id,
                 policy_revision=policies.revision,
             )
+
+    def _known_before(self, inp: CheckInput) -> tuple[str, str, str]:
+        """What a refused decision still knows, for telemetry: the workload's namespace, and
+        the caller's principal and SPIFFE ID unless it was the caller's identity that failed
+        (a 401 for a token, say)."""
+        namespace = self.workload(inp)[0] or ""
+        try:
+            peer = peer_identity.resolve(inp, trust_xfcc=self.settings.trust_xfcc)
+        except Exception:  # the refusal stands; only its description is poorer
+            return namespace, "", ""
+        if peer is None:
+            return namespace, "", ""
+        return namespace, peer.principal, peer.spiffe.uri if peer.spiffe else ""
 
     def workload(self, inp: CheckInput) -> tuple[str | None, str | None, frozenset[Target]]:
         """The protected workload's namespace, labels and targetRefs targets: the route's
@@ -232,9 +249,10 @@ class Authorizer:
             "principal": peer.principal if peer else "",
             "issuer": token.issuer if token else "",
             "subject": token.subject if token else "",
+            "audiences": token.audiences if token else (),
             "policy_revision": policies.revision,
             "identity_source": peer.source if peer else "",
-            "audiences": token.audiences if token else (),
+            "namespace": namespace or "",
         }
         if token is not None:
             common["claims"] = token.claims

@@ -123,6 +123,15 @@ def _jwks_listen_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve the metrics for Prometheus to scrape at http://HOST:PORT/metrics "
+        "(default: off; OTLP export is set by OTEL_METRICS_EXPORTER)",
+    )
+
+
 def _jwks_fetch_args(p: argparse.ArgumentParser) -> None:
     d = FetchSettings()
     p.add_argument(
@@ -215,6 +224,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         token_issuer=args.token_issuer,
         jwks_listen=getattr(args, "jwks_listen", None),
         decision_log=decision_log_flags.from_args(args),
+        metrics_listen=getattr(args, "metrics_listen", None),
     )
 
 
@@ -276,7 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if settings.policies is not None
         else None
     )
-    telemetry = Telemetry.from_env()
+    telemetry = Telemetry.from_env(metrics_listen=settings.metrics_listen)
     telemetry.observe_keys(keys)
     decision_log = (
         DecisionLog.open(settings.decision_log, workload=authorizer.workload)
@@ -378,6 +388,7 @@ def parser() -> argparse.ArgumentParser:
     _jwks_listen_args(serve)
     _tls_args(serve)
     decision_log_flags.add_arguments(serve)
+    _metrics_args(serve)
     serve.set_defaults(func=cmd_serve)
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)

@@ -52,3 +52,5 @@ class Settings:
     jwks_listen: str | None = None
     # One JSON record per decision (``--decision-log``); None: off.
     decision_log: DecisionLogSettings | None = None
+    # The Prometheus scrape endpoint (None: off).
+    metrics_listen: str | None = None

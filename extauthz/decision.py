@@ -48,6 +48,8 @@ class Decision:
     ``identity_source`` says where the caller's identity was read (``source.principal``,
     ``certificate``, ``xfcc``); ``audiences`` and ``claims`` are the verified token's, for
     the decision log (claims are left out of equality and repr: they are request data).
+    ``namespace`` is the protected workload's (the one whose policies decided), ``audiences``
+    the verified token's ``aud``: both for telemetry.
     """
 
     outcome: Outcome
@@ -70,6 +72,7 @@ class Decision:
     deny_response: DenyResponse | None = None
     token_audience: str = ""
     identity_source: str = ""
+    namespace: str = ""
     audiences: tuple[str, ...] = ()
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS, compare=False, repr=False)
 

@@ -40,10 +40,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEADLINE_MARGIN_SECONDS = 0.02
 
 # Built at import: the answer of last resort must not itself be able to fail.
-_LAST_RESORT_DECISION = Decision(
-    Outcome.ERROR, "internal_error", "the authorization server failed to decide", ""
-)
-_LAST_RESORT = to_check_response(_LAST_RESORT_DECISION)
+_FAILED = Decision(Outcome.ERROR, "internal_error", "the authorization server failed to decide", "")
+_LAST_RESORT = to_check_response(_FAILED)
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -63,7 +61,18 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self.decision_log = decision_log
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        start = time.time_ns()
+        telemetry = self.telemetry
+        # A plain count the in-flight metric observes: the SDK's UpDownCounter.add costs
+        # ~10 µs, twice per Check.
+        telemetry.in_flight += 1
+        try:
+            return await self._check(request, context)
+        finally:
+            telemetry.in_flight -= 1
+
+    async def _check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        start = time.perf_counter_ns()  # for durations
+        wall = time.time_ns()  # for the decision log's timestamps
         try:
             inp: CheckInput | None = from_check_request(request)
         except ExtAuthzError as exc:
@@ -71,7 +80,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             decision = self.authorizer.refuse(exc)
         except Exception:
             log.exception("cannot read CheckRequest; denying")
-            return self._last_resort(None, start, context)
+            return self._last_resort(None, start, wall, context)
         # The snapshot ``check`` will decide on: no await in between, so no reload either.
         snapshot = self.authorizer.policies if self.recent is not None else None
         try:
@@ -81,7 +90,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             decided = time.time_ns()
         except Exception:
             log.exception("cannot build CheckResponse; denying")
-            return self._last_resort(inp, start, context)
+            return self._last_resort(inp, start, wall, context)
         if self.recent is not None and snapshot is not None:
             try:
                 self.recent.record(decision, inp, snapshot)
@@ -94,14 +103,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         except Exception:
             log.exception("telemetry failed for decision %s", decision.decision_id)
         if self.decision_log is not None:  # never raises
-            self.decision_log.record(decision, inp, start, span, metadata, decided)
+            self.decision_log.record(decision, inp, wall, span, metadata, decided)
         return response
 
-    def _last_resort(self, inp: CheckInput | None, start: int, context: Any) -> Any:
-        # Even a Check extauthz failed to decide leaves its record in the decision log.
-        if self.decision_log is not None:
-            metadata = context.invocation_metadata() or ()
-            self.decision_log.record(_LAST_RESORT_DECISION, inp, start, None, metadata)
+    def _last_resort(self, inp: CheckInput | None, start: int, wall: int, context: Any) -> Any:
+        """The answer of last resort, counted, traced and logged as the error it is."""
+        metadata = context.invocation_metadata() or ()
+        span = None
+        try:
+            span = self.telemetry.record(_FAILED, inp, start, metadata)
+        except Exception:
+            log.exception("telemetry failed for a failed decision")
+        if self.decision_log is not None:  # never raises
+            self.decision_log.record(_FAILED, inp, wall, span, metadata)
         return _LAST_RESORT
 
 

@@ -58,3 +58,13 @@ def test_the_decision_log_measurement_runs(tmp_path: Path) -> None:
     assert "record allow (queued)" in stdout
     assert "slow sink" in stdout
     assert '"results"' in out.read_text()
+
+
+def test_the_tracing_cost_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "tracing.json"
+    stdout = run_benchmark(
+        "tracing_cost", "--rounds", "1", "--n", "64", "--settle", "0", "--json", str(out)
+    )
+    assert "100% sampling (always_on)" in stdout
+    assert "collector down" in stdout
+    assert '"cpu_us"' in out.read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,11 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from otel_helpers import points
 
 from extauthz.authorizer import Authorizer
 from extauthz.decision import Decision
@@ -165,3 +169,61 @@ async def test_stop_closes_the_port() -> None:
     await server.stop()
     with pytest.raises(grpc.aio.AioRpcError):
         await _check(target, check_request())
+
+
+class WaitingAuthorizer(Authorizer):
+    """Decides only when released, so a Check can be observed in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(PolicySet.empty())
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def check_async(self, inp: CheckInput, *, wait: float) -> Decision:
+        self.entered.set()
+        await self.release.wait()
+        return self.check(inp)
+
+
+async def test_checks_in_flight_are_counted_and_released() -> None:
+    authorizer = WaitingAuthorizer()
+    telemetry = Telemetry(None)
+    server = await _started(authorizer, telemetry, "127.0.0.1:0")
+    try:
+        pending = asyncio.ensure_future(_check(f"127.0.0.1:{server.port}", check_request()))
+        await asyncio.wait_for(authorizer.entered.wait(), 5)
+        assert telemetry.in_flight == 1
+        authorizer.release.set()
+        await pending
+        assert telemetry.in_flight == 0
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("authorizer", "request_", "counted"),
+    [
+        (lambda: Authorizer(PolicySet.empty()), check_request, ("allow", "no_allow_policy")),
+        (
+            lambda: Authorizer(PolicySet.empty()),
+            external_auth_pb2.CheckRequest,
+            ("permission_denied", "request_invalid"),
+        ),
+        (lambda: BrokenAuthorizer(PolicySet.empty()), check_request, ("error", "internal_error")),
+    ],
+    ids=["allow", "invalid-request", "last-resort"],
+)
+async def test_every_answer_is_counted(
+    authorizer: Any, request_: Any, counted: tuple[str, str]
+) -> None:
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(None, MeterProvider(metric_readers=[reader]))
+    server = await _started(authorizer(), telemetry, "127.0.0.1:0")
+    try:
+        await _check(f"127.0.0.1:{server.port}", request_())
+    finally:
+        await server.stop()
+    result, reason = counted
+    assert points(reader, "extauthz.decisions") == {
+        frozenset({("result", result), ("reason", reason)}): 1
+    }

@@ -37,6 +37,8 @@ __all__ = [
 
 _EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 _TLS_SOCKET = "envoy.transport_sockets.tls"
+_OTEL_TRACER = "envoy.tracers.opentelemetry"
+_COLLECTOR = "otel_collector"  # the cluster the tracer exports to
 _UNIX_PATH_MAX = 108  # sockaddr_un.sun_path on Linux, including the NUL
 # Admin is on loopback; an http_proxy in the environment must not hijack it.
 _ADMIN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -92,12 +94,16 @@ def render_sidecar(
     upstream_port: int,
     certs: Mapping[str, Path],
     context_extensions: Mapping[str, str] | None = None,
+    collector_port: int | None = None,
+    service_name: str | None = None,
 ) -> dict[str, Any]:
     """Adapt the sidecar template to a local run: loopback everywhere, given ports and certs.
 
     ``certs`` needs keys ``ca``, ``cert`` and ``key``. Exactly one of ``extauthz_port`` and
     ``extauthz_unix`` (a socket path, or ``@name`` for the abstract namespace) selects how
     Envoy reaches extauthz. ``context_extensions`` replaces those sent with every check.
+    ``collector_port`` is the OTLP/gRPC collector Envoy's tracer exports to (default: the
+    template's), ``service_name`` the service its spans are from.
     """
     if (extauthz_port is None) == (extauthz_unix is None):
         raise ValueError("pass exactly one of extauthz_port and extauthz_unix")
@@ -127,6 +133,21 @@ def render_sidecar(
     _endpoint(config, "upstream", template)["address"]["socket_address"]["port_value"] = (
         upstream_port
     )
+
+    if collector_port is not None:
+        _endpoint(config, _COLLECTOR, template)["address"]["socket_address"]["port_value"] = (
+            collector_port
+        )
+    if service_name is not None:
+        tracers = [
+            provider["typed_config"]
+            for tracing in _find_key(listener, "tracing")
+            if (provider := tracing.get("provider", {})).get("name") == _OTEL_TRACER
+        ]
+        if not tracers:
+            raise ValueError(f"{template}: no {_OTEL_TRACER} on 'inbound'")
+        for tracer in tracers:
+            tracer["service_name"] = service_name
 
     if context_extensions is not None:
         settings = [

@@ -66,6 +66,9 @@ class Mesh:
     env: Mapping[str, str] = field(default_factory=dict)
     extauthz_args: Sequence[str] = ()
     unix_socket: bool = False  # Envoy reaches extauthz over a Unix socket instead of TCP
+    # An OTLP/gRPC collector on 127.0.0.1 for extauthz's and the sidecars' traces and
+    # metrics; None: extauthz exports nothing, the sidecars try the template's port.
+    collector_port: int | None = None
     idp: DevIdP = field(default_factory=lambda: DevIdP.create(ISSUER))
     services: dict[str, Workload] = field(default_factory=dict)
     extauthz_port: int = 0
@@ -125,7 +128,16 @@ class Mesh:
             raise RuntimeError("extauthz is already running")
         if not self.extauthz_port:
             self.extauthz_port = free_port()
-        env = {**os.environ, "OTEL_TRACES_EXPORTER": "none", **self.env}
+        if self.collector_port is None:
+            otel = {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
+        else:
+            otel = {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.collector_port}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            }
+        env = {**os.environ, **otel, **self.env}
         log = self.extauthz_log.open("wb")
         self._extauthz = subprocess.Popen(
             [
@@ -164,6 +176,8 @@ class Mesh:
                 "key": self._certs[f"{name}-key"],
             },
             context_extensions={"namespace": NAMESPACE, "labels": f"app={name}"},
+            collector_port=self.collector_port,
+            service_name=name,
         )
         envoy = EnvoyProcess(config, workdir=self.workdir, admin_port=admin)
         self.services[name] = Workload(name, self.spiffe_id(name), port, upstream, envoy)
