@@ -202,3 +202,16 @@ def test_envoy_reaches_extauthz_over_a_unix_socket(tmp_path: Path) -> None:
         envoy = m.services["frontend"].envoy
         assert envoy is not None
         assert "http.inbound.ext_authz.error: 0" in envoy.admin_get("/stats?filter=ext_authz")
+
+
+@pytest.mark.parametrize("path", ["/orders//42", "/orders/./42", "/orders/x/../42"])
+def test_the_sidecar_authorizes_the_normalized_path(mesh: Mesh, path: str) -> None:
+    """Envoy normalizes before ext_authz: the path extauthz decides on is the one served."""
+    r = mesh.call("frontend", "orders", "GET", path, token=token(mesh))
+    assert r.status == 200, r.body
+    assert r.json()["path"] == "/orders/42"
+
+
+def test_underscored_header_names_are_refused(mesh: Mesh) -> None:
+    r = mesh.call("orders", "frontend", "GET", "/", headers={"x_user": "admin"})
+    assert r.status == 400
