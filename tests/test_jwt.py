@@ -1009,3 +1009,31 @@ def test_a_token_for_another_provider_is_not_verified_with_its_keys(keys: Keys) 
     got = verify([first, second], bearer(genuine))
     assert got is not None
     assert got.issuer == OTHER_ISS
+
+
+def test_duplicate_claims_are_read_last_wins_by_both_readers(keys: Keys) -> None:
+    """RFC 7519 4: a parser may keep the last duplicate. The provider choice (our peek) and
+    PyJWT's validation must read the same one, or a token could be checked against the
+    issuer it does not claim."""
+    payload = f'{{"iss":"{OTHER_ISS}","sub":"mallory","iss":"{ISS}","sub":"alice"}}'.encode()
+    token = keys.es256.sign_raw(payload)
+    got = verify(
+        [provider(keys.es256.jwk), provider(keys.rsa.jwk, issuer=OTHER_ISS)], bearer(token)
+    )
+    assert got is not None
+    assert (got.issuer, got.subject) == (ISS, "alice")
+    flipped = keys.es256.sign_raw(f'{{"iss":"{ISS}","iss":"{OTHER_ISS}"}}'.encode())
+    with pytest.raises(TokenError):  # OTHER_ISS's provider holds only the RSA key
+        verify(
+            [provider(keys.es256.jwk), provider(keys.rsa.jwk, issuer=OTHER_ISS)], bearer(flipped)
+        )
+
+
+def test_a_nested_token_is_not_unwrapped(keys: Keys) -> None:
+    """A JWT whose payload is another JWT (``cty: JWT``) is not a claims set: refused."""
+    inner = keys.es256.sign(claims())
+    outer = jwt.api_jws.PyJWS().encode(
+        inner.encode(), keys.es256.key, algorithm="ES256", headers={"kid": "p256", "cty": "JWT"}
+    )
+    with pytest.raises(TokenMalformedError):
+        verify([provider(keys.es256.jwk)], bearer(outer))
