@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from .errors import ConfigError
@@ -48,7 +49,8 @@ def _load(files: TlsFiles) -> tuple[bytes, bytes, bytes | None]:
     try:
         leaf = x509.load_pem_x509_certificate(cert)
         private = serialization.load_pem_private_key(key, password=None)
-    except ValueError as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # TypeError: an encrypted key (no password to give); UnsupportedAlgorithm: e.g. DSA.
         raise ConfigError(
             f"{files.cert} / {files.key}: not a PEM certificate and key: {exc}"
         ) from exc

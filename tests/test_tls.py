@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from test_reload import check_request
 
@@ -158,6 +159,15 @@ def test_load_time_errors_name_the_files(tmp_path: Path, cas: tuple[DevCA, DevCA
     (tmp_path / "junk.pem").write_text("not pem")
     with pytest.raises(ConfigError, match="not a PEM certificate"):
         ReloadingCredentials(TlsFiles(tmp_path / "junk.pem", key))
+    private = serialization.load_pem_private_key(key.read_bytes(), None)
+    encrypted = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    (tmp_path / "encrypted.pem").write_bytes(encrypted)
+    with pytest.raises(ConfigError, match="not a PEM certificate"):
+        ReloadingCredentials(TlsFiles(cert, tmp_path / "encrypted.pem"))
     for flags, message in (
         (["--tls-cert", str(cert)], "go together"),
         (["--tls-client-ca", str(cert)], "needs --tls-cert"),
