@@ -421,7 +421,7 @@ async def test_a_reload_reuses_fetched_keys_and_retires_unused_sets(
         assert second.discovery
         assert registry.sets() == [second]
         assert first._thread is not None
-        assert not first._thread.is_alive()
+        assert wait_until(lambda: not first._thread.is_alive(), timeout=5)  # type: ignore[union-attr]
         assert authorizer.check(bearer(token(k1))).allowed
     finally:
         registry.close()

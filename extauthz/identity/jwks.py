@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import NamedTuple
 
@@ -121,7 +121,6 @@ class FetchStats:
     not_modified: int = 0
     refetches: int = 0  # early refetches granted for an unknown kid
     refetches_limited: int = 0  # ... and refused by the rate limit
-    requests: list[str] = field(default_factory=list)  # last few URLs fetched, for tests/debug
 
 
 class RemoteKeySet:
@@ -150,7 +149,6 @@ class RemoteKeySet:
         self.stats = FetchStats()
         self.last_error = ""
         self.jwks_url = "" if discovery else url
-        self.fetched_at = 0.0  # wall clock of the last successful fetch
         self._etag = ""
         self._cache_headers: dict[str, str] = {}
         self._digest = b""
@@ -177,13 +175,15 @@ class RemoteKeySet:
             self._thread = threading.Thread(target=self._run, name=f"jwks {self.url}", daemon=True)
             self._thread.start()
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """Stop fetching. ``wait=False`` only tells the thread (a fetch in progress ends by
+        itself within its timeout): the event loop must never wait for an IdP."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=self.timeout + 1)
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self.timeout * 2 + 1)
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait for the first fetch attempt; True if keys are in hand."""
@@ -252,8 +252,6 @@ class RemoteKeySet:
                 self.jwks_url = self._discover()
             headers = {"If-None-Match": self._etag} if self._etag and self.state.keys else {}
             response = self._get(self.jwks_url, headers, self.timeout)
-            self.stats.requests.append(self.jwks_url)
-            del self.stats.requests[:-16]
             if response.status == 304 and self.state.keys:
                 self.stats.fetches += 1
                 self.stats.not_modified += 1
@@ -284,7 +282,6 @@ class RemoteKeySet:
     def _discover(self) -> str:
         url = self.url.rstrip("/") + DISCOVERY_PATH
         response = self._get(url, {}, self.timeout)
-        self.stats.requests.append(url)
         if response.status != 200:
             raise JwksError(f"{url}: HTTP {response.status}")
         try:
@@ -308,7 +305,6 @@ class RemoteKeySet:
             log.warning("JWKS %s: fetching works again", self.describe)
         self.last_error = ""
         self._failures_in_row = 0
-        self.fetched_at = time.time()
         ttl = _cache_lifetime(self._cache_headers, self.settings.refresh_interval)
         ttl = min(max(ttl, self.settings.min_refetch_interval), self.settings.refresh_interval)
         with self._cond:
@@ -409,8 +405,9 @@ class KeySetRegistry:
             s.wait_ready(max(deadline - time.monotonic(), 0.0))
         return [s for s in pending if not s.state.keys]
 
-    def retain(self, used: Iterable[RemoteKeySet]) -> None:
-        """Stop the sets no loaded policy refers to any more."""
+    def retain(self, used: Iterable[RemoteKeySet], *, wait: bool = False) -> None:
+        """Stop the sets no loaded policy refers to any more. Does not wait for them (it runs
+        on the event loop after a reload) unless ``wait``."""
         keep = {id(s) for s in used}
         with self._lock:
             gone = [(k, s) for k, s in self._sets.items() if id(s) not in keep]
@@ -418,10 +415,11 @@ class KeySetRegistry:
                 del self._sets[k]
                 _add(self._retired, s.stats)
         for _, s in gone:
-            s.close()
+            s.close(wait=wait)
 
     def close(self) -> None:
-        self.retain(())
+        """Stop every set and wait for the threads (at shutdown)."""
+        self.retain((), wait=True)
 
     def totals(self) -> FetchStats:
         """Counters of every set this registry ever had, stopped ones included."""
