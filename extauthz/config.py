@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .decisionlog.settings import DecisionLogSettings
+from .errors import ConfigError
 from .identity.jwks import FetchSettings
 from .identity.mint import DEFAULT_ISSUER
 from .policy.engine import DEFAULT_ROOT_NAMESPACE
@@ -54,3 +55,11 @@ class Settings:
     decision_log: DecisionLogSettings | None = None
     # The Prometheus scrape endpoint (None: off).
     metrics_listen: str | None = None
+
+
+def host_port(listen: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` too) of a TCP listener flag; ConfigError naming ``what``."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{what} {listen!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)

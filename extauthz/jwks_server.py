@@ -17,13 +17,14 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .config import host_port
 from .errors import ConfigError
+from .identity.jwks import DISCOVERY_PATH
 from .identity.mint import SigningKey
 
 log = logging.getLogger(__name__)
 
 JWKS_PATH = "/.well-known/jwks.json"
-DISCOVERY_PATH = "/.well-known/openid-configuration"
 MAX_AGE_SECONDS = 300
 # A Host header we are willing to echo into jwks_uri: a name or address and a port.
 _HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
@@ -35,6 +36,8 @@ def _json(doc: Any) -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _HttpServer
+    # A thread per connection: an idle or trickling client must not hold one for ever.
+    timeout = 10
 
     def version_string(self) -> str:
         return "extauthz"  # not the Python version
@@ -92,19 +95,12 @@ class _HttpServer(ThreadingHTTPServer):
         return _json({"issuer": self.issuer, "jwks_uri": f"http://{where}{JWKS_PATH}"})
 
 
-def _address(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if listen.startswith("unix:") or not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--jwks-listen {listen!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
 class JwksServer:
     """Serves ``key``'s JWKS and a discovery document for ``issuer`` on ``listen``."""
 
     def __init__(self, listen: str, key: SigningKey, issuer: str) -> None:
         self.listen = listen
-        self.address = _address(listen)
+        self.address = host_port(listen, "--jwks-listen")
         self.key = key
         self.issuer = issuer
         self.port = 0

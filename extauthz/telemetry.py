@@ -52,6 +52,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import __version__
+from .config import host_port
 from .decision import Decision, Outcome
 from .errors import ConfigError
 from .identity.jwks import KeySetRegistry
@@ -174,7 +175,7 @@ class MetricsServer:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
-        host, port = _host_port(listen, what)
+        host, port = host_port(listen, what)
         registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         self.reader: MetricReader = PrometheusMetricReader(registry=registry)
@@ -188,13 +189,6 @@ class MetricsServer:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
-
-
-def _host_port(listen: str, what: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{what} {listen!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 class _Backlog(SpanExporter):

@@ -553,3 +553,23 @@ async def test_metrics_count_fetches_refetches_and_cache_lookups(
         frozenset({("result", "rate_limited")}): 2,
     }
     idp.status = 200
+
+
+async def test_an_unknown_kid_refetch_skips_discovery(
+    idp: IdpServer, rig: Callable[..., Rig]
+) -> None:
+    """The refetch a Check waits for is one request, not discovery + JWKS."""
+    k1, k2 = key(idp, "k1"), key(idp, "k2")
+    idp.publish(k1)
+    r = rig(discovery=True)
+    idp.publish(k1, k2)
+    assert (await r.check_async(token(k2))).allowed
+    assert (idp.fetches(DISCOVERY_PATH), idp.fetches()) == (1, 2)
+
+
+def test_a_bad_ca_file_is_a_config_error_naming_the_flag(tmp_path: Path) -> None:
+    from extauthz.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--jwks-ca-file"):
+        KeySetRegistry(FetchSettings(ca_file=str(tmp_path / "missing.pem")))
+    assert KeySetRegistry(FetchSettings(ca_file=str(tmp_path / "missing.pem")), live=False)

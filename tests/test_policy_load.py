@@ -350,6 +350,12 @@ BROKEN: list[tuple[str, str, int, str]] = [
         "spec.jwtRules[0].timeout: must be a positive duration",
     ),
     (
+        "jwt-rule-timeout-too-long",
+        RA_HEAD + "    jwksUri: https://idp.test/keys\n    timeout: 10m\n",
+        10,
+        "spec.jwtRules[0].timeout: must be at most 60s",
+    ),
+    (
         "jwt-rule-timeout-zero",
         RA_HEAD + "    jwksUri: https://idp.test/keys\n    timeout: 0s\n",
         10,

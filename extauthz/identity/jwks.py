@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import NamedTuple
 
-from ..errors import JwksError
+from ..errors import ConfigError, JwksError
 from .jwt import Jwk, compile_jwks
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,10 @@ class _NoRedirectToHttp(urllib.request.HTTPRedirectHandler):
 
 def urllib_getter(settings: FetchSettings) -> HttpGet:
     """A blocking HTTP GET with TLS verification (system CAs, or ``ca_file``) and a size cap."""
-    context = ssl.create_default_context(cafile=settings.ca_file)
+    try:
+        context = ssl.create_default_context(cafile=settings.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--jwks-ca-file {settings.ca_file}: {exc}") from exc
     opener = urllib.request.build_opener(
         urllib.request.HTTPSHandler(context=context), _NoRedirectToHttp()
     )
@@ -227,11 +230,11 @@ class RemoteKeySet:
                     self._cond.wait(timeout=max(self._next_due - self._clock(), 0.01))
                 if self._closed:
                     break
-                self._poked = False
+                early, self._poked = self._poked, False
                 self._in_flight, self._pending = self._pending or Future(), None
             ok = False
             try:
-                ok = self._fetch()
+                ok = self._fetch(early)
             except Exception:  # a bug must not kill the thread and freeze the keys
                 log.exception("JWKS fetch for %s crashed", self.describe)
                 self._failed("internal error")
@@ -246,9 +249,11 @@ class RemoteKeySet:
                 if waiting is not None and not waiting.done():
                     waiting.set_result(False)
 
-    def _fetch(self) -> bool:
+    def _fetch(self, early: bool = False) -> bool:
         try:
-            if self.discovery:
+            if self.discovery and (not self.jwks_url or not early or self.last_error):
+                # The document rarely changes: an unknown kid's refetch (which a Check waits
+                # for) goes straight to the JWKS, one request instead of two.
                 self.jwks_url = self._discover()
             headers = {"If-None-Match": self._etag} if self._etag and self.state.keys else {}
             response = self._get(self.jwks_url, headers, self.timeout)
@@ -353,6 +358,10 @@ def _cache_lifetime(headers: Mapping[str, str], default: float) -> float:
     return default
 
 
+def _offline(url: str, headers: Mapping[str, str], timeout: float) -> HttpResponse:
+    raise OSError(f"{url}: not fetched (policies loaded without a server)")
+
+
 class KeySetRegistry:
     """One :class:`RemoteKeySet` per (URL, discovery, timeout), shared by policy reloads.
 
@@ -369,7 +378,8 @@ class KeySetRegistry:
     ) -> None:
         self.settings = settings or FetchSettings()
         self.live = live
-        self._getter = getter
+        # One opener (and CA bundle read) for every set; none at all when nothing fetches.
+        self._getter = getter or (urllib_getter(self.settings) if live else _offline)
         self._sets: dict[tuple[str, bool, float], RemoteKeySet] = {}
         self._lock = threading.Lock()
         self._retired = FetchStats()  # counters of stopped sets: metrics never go down

@@ -97,7 +97,7 @@ def _key_algorithms(jwk: Mapping[str, Any]) -> frozenset[str]:
     else:
         family = frozenset()
     alg = jwk.get("alg")
-    return family & {alg} if alg else family
+    return family & {alg} if isinstance(alg, str) and alg else family
 
 
 def compile_jwks(text: str, *, source: str) -> tuple[Jwk, ...]:
@@ -108,7 +108,7 @@ def compile_jwks(text: str, *, source: str) -> tuple[Jwk, ...]:
     """
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise JwksError(f"{source}: JWKS is not JSON: {exc}") from exc
     if isinstance(doc, dict) and "keys" not in doc and "kty" in doc:
         doc = {"keys": [doc]}
@@ -125,7 +125,7 @@ def compile_jwks(text: str, *, source: str) -> tuple[Jwk, ...]:
             continue
         try:
             parsed = jwt.PyJWK(entry, algorithm=sorted(algorithms)[0])
-        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError) as exc:
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError) as exc:
             raise JwksError(f"{source}: keys[{i}] is not a valid key: {exc}") from exc
         kid = entry.get("kid")
         keys.append(Jwk(kid if isinstance(kid, str) else None, algorithms, parsed.key))

@@ -124,6 +124,7 @@ _JWT_RULE_KEYS = (
 )
 T = TypeVar("T")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+MAX_JWKS_TIMEOUT_SECONDS = 60.0
 RESERVED_HEADER_PREFIX = "x-extauthz-"  # extauthz's own identity headers
 _RESERVED_HEADERS = frozenset(
     {"authorization", "host", "cookie", "x-forwarded-client-cert"}
@@ -831,6 +832,12 @@ def _jwt_rule(
     )
     where = f"{ctx.file}:{node.line}"
     timeout = _duration(ctx, node, "timeout", path) if "timeout" in node else None
+    if timeout is not None and timeout > MAX_JWKS_TIMEOUT_SECONDS:
+        # A reload waits up to two of these for a first fetch, off the request path but not
+        # for ever.
+        raise ctx.error(
+            node, f"{path}.timeout", f"must be at most {MAX_JWKS_TIMEOUT_SECONDS:g}s", "timeout"
+        )
     keys: tuple[Jwk, ...] = ()
     remote: RemoteKeySet | None = None
     try:
