@@ -57,10 +57,10 @@ class Authorizer:
         self.settings = settings or Settings()
         # Signs the tokens ``token:`` rules ask for; None: such rules fail closed (503).
         self.minter = minter
-        # Identity headers this server does not vouch for: never passed upstream.
-        self._untrusted = (
-            frozenset() if self.settings.trust_xfcc else frozenset({peer_identity.XFCC_HEADER})
-        )
+        # Headers only extauthz may set upstream: its SPIFFE ID header, and XFCC unless it is
+        # trusted (then Envoy set it). A caller's copy is removed when extauthz sets none.
+        untrusted = () if self.settings.trust_xfcc else (peer_identity.XFCC_HEADER,)
+        self._own_headers = frozenset({self.settings.spiffe_id_header, *untrusted})
 
     @property
     def policies(self) -> PolicySet:
@@ -333,12 +333,7 @@ class Authorizer:
         rule_headers: tuple[Header, ...],
         minted: Header | None = None,
     ) -> tuple[tuple[Header, ...], tuple[str, ...]]:
-        managed = (
-            workload.verifier.output_headers
-            | workload.token_headers
-            | {self.settings.spiffe_id_header}
-            | self._untrusted
-        )
+        managed = workload.identity_headers | self._own_headers
         # A policy's static header never stands in for an identity header left unset.
         out: list[Header] = [h for h in rule_headers if h[0] not in managed]
         remove: list[str] = []

@@ -514,11 +514,8 @@ def _token_spec(ctx: _Ctx, rule: Node, rule_path: str) -> TokenSpec:
     ttl = DEFAULT_TTL_SECONDS
     if "ttl" in node:
         text = node["ttl"]
-        try:
-            # A bare number is refused: 60 could mean seconds or minutes to the reader.
-            seconds = parse_duration(text if isinstance(text, str) else repr(text))
-        except ValueError as exc:
-            raise ctx.error(node, f"{path}.ttl", str(exc), "ttl") from None
+        # A bare number is refused: 60 could mean seconds or minutes to the reader.
+        seconds = _duration(ctx, node, "ttl", path)
         ttl = int(seconds)
         if ttl != seconds:
             raise ctx.error(node, f"{path}.ttl", f"{text} is not a whole number of seconds", "ttl")

@@ -193,6 +193,8 @@ class WorkloadPolicies:
             for r in p.rules
             if r.token is not None and r.token.header != AUTHORIZATION_HEADER
         )
+        # Every header this workload's rules may write upstream: a caller's copy never passes.
+        self.identity_headers = self.verifier.output_headers | self.token_headers
 
     def evaluate(self, attrs: Attributes) -> Verdict:
         verdict = self.enforced.evaluate(attrs)
