@@ -238,6 +238,18 @@ def _tls(args: argparse.Namespace) -> ReloadingCredentials | None:
     return ReloadingCredentials(TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca))
 
 
+def open_decision_log(
+    settings: Settings, authorizer: Authorizer, telemetry: Telemetry
+) -> DecisionLog | None:
+    """``--decision-log``, counting its records with the server's meters (not the global,
+    no-op provider: its drop counter is the one signal that denies went unrecorded)."""
+    if settings.decision_log is None:
+        return None
+    return DecisionLog.open(
+        settings.decision_log, workload=authorizer.workload, meter_provider=telemetry.meter_provider
+    )
+
+
 def token_minter(settings: Settings) -> TokenMinter | None:
     """The minter of ``--signing-key`` (read here, once), or None without one."""
     if settings.signing_key is None:
@@ -288,11 +300,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     telemetry = Telemetry.from_env(metrics_listen=settings.metrics_listen)
     telemetry.observe_keys(keys)
-    decision_log = (
-        DecisionLog.open(settings.decision_log, workload=authorizer.workload)
-        if settings.decision_log is not None
-        else None
-    )
+    decision_log = open_decision_log(settings, authorizer, telemetry)
     server = Server(
         authorizer,
         telemetry,

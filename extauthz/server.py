@@ -87,7 +87,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             if inp is not None:
                 decision = await self.authorizer.check_async(inp, wait=_key_wait(self, context))
             response = to_check_response(decision)
-            decided = time.time_ns()
+            # On the wall clock for the log's timestamps, measured on the monotonic one.
+            decided = wall + time.perf_counter_ns() - start
         except Exception:
             log.exception("cannot build CheckResponse; denying")
             return self._last_resort(inp, start, wall, context)

@@ -736,6 +736,19 @@ def test_when_the_queue_is_full_allows_are_dropped_and_denies_keep_their_reserve
     assert ids == ["first", *(f"allow-{i}" for i in range(30)), *(f"deny-{i}" for i in range(10))]
 
 
+def test_a_stuck_sink_costs_shutdown_one_timeout_not_one_per_close() -> None:
+    sink = GatedSink()
+    log = DecisionLog(sink)
+    log.start()
+    log.record(decision(Outcome.PERMISSION_DENIED, "stuck"), None, 0)
+    assert sink.entered.wait(5)
+    assert not log.close(timeout=0.2)
+    started = time.monotonic()
+    assert not log.close(timeout=5)  # the caller's finally: no second wait
+    assert time.monotonic() - started < 1
+    sink.gate.set()
+
+
 def test_an_allow_flood_cannot_push_out_a_deny() -> None:
     sink = GatedSink()
     log = DecisionLog(sink, queue_size=40)
@@ -979,6 +992,28 @@ def test_records_are_counted_as_a_metric() -> None:
     assert log.close()
     got = points(reader, "extauthz.decision_log.records")
     assert got[frozenset({("result", "sampled_out"), ("decision", "allow")})] == 1
+    assert got[frozenset({("result", "written"), ("decision", "deny")})] == 1
+
+
+def test_the_server_counts_records_with_its_own_meters(tmp_path: Path) -> None:
+    """serve wires the log to the telemetry's MeterProvider, never the global no-op one."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from otel_helpers import points
+
+    from extauthz.cli import open_decision_log
+    from extauthz.telemetry import Telemetry
+
+    reader = InMemoryMetricReader()
+    settings = Settings(decision_log=DecisionLogSettings(str(tmp_path / "log.jsonl")))
+    log = open_decision_log(
+        settings, Authorizer(PolicySet.empty()), Telemetry(None, MeterProvider([reader]))
+    )
+    assert log is not None
+    log.record(decision(Outcome.PERMISSION_DENIED, "b"), None, 0)
+    assert log.close()
+    assert log.close()  # a second close (at exit) is harmless
+    got = points(reader, "extauthz.decision_log.records")
     assert got[frozenset({("result", "written"), ("decision", "deny")})] == 1
 
 

@@ -71,6 +71,20 @@ def test_dry_run_is_counted_and_a_changed_answer_logged(
     assert "would be deny (by ns1/block-delete)" in line
 
 
+def test_changed_verdicts_are_logged_at_most_once_a_second(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "p.yaml").write_text(POLICIES)
+    authorizer = Authorizer(PolicySet.load(tmp_path), Settings(workload_namespace="ns1"))
+    telemetry = Telemetry(None)
+    caplog.set_level(logging.INFO, logger="extauthz.telemetry")
+    inp = CheckInput(method="DELETE", path="/x")
+    for _ in range(50):  # a rollout that changes many answers must not flood the log
+        telemetry.record(authorizer.check(inp), inp, 0)
+    lines = [r.getMessage() for r in caplog.records if "dry-run" in r.getMessage()]
+    assert len(lines) == 1
+
+
 def test_no_dry_run_policy_records_nothing(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(POLICIES.split("---")[0])
     authorizer = Authorizer(PolicySet.load(tmp_path), Settings(workload_namespace="ns1"))

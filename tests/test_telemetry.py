@@ -3,6 +3,7 @@ Prometheus endpoint), real OTLP export to a local collector, and a dead collecto
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.error
@@ -53,6 +54,7 @@ OTEL_VARIABLES = (
     "OTEL_SDK_DISABLED",
     "OTEL_SERVICE_NAME",
     "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
 )
 
 
@@ -504,3 +506,24 @@ def test_a_refusal_keeps_the_workload_and_a_caller_it_knows(
     attrs = span_attributes(decision, inp)
     assert attrs["extauthz.workload.namespace"] == "shop"
     assert attrs.get("extauthz.source.spiffe_id", "") == spiffe_id
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "abc"}, "OTEL_BSP_MAX_QUEUE_SIZE='abc'"),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, "OTEL_BSP_MAX_QUEUE_SIZE='0'"),
+        (
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "16", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "32"},
+            "is larger than OTEL_BSP_MAX_QUEUE_SIZE=16",
+        ),
+    ],
+)
+def test_bad_span_queue_settings_are_config_errors(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], fragment: str
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        Telemetry.from_env()

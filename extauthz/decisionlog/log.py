@@ -248,8 +248,9 @@ class DecisionLog:
         """Stop taking records, write the queued ones, close the sink. Bounded by
         ``timeout`` (a hung disk must not hang shutdown); False if records were lost."""
         with self._lock:
-            if self._closing and self._thread is None:
-                return self._pending == 0
+            if self._closing:
+                # Closed already (a second call at exit): report, never wait again.
+                return self._thread is None and self._pending == 0
             self._closing = True
             self._work.notify()
             thread = self._thread

@@ -52,7 +52,6 @@ class FileSink:
         self.max_bytes = max_bytes
         self.backups = backups
         self._file = self._open()
-        self.rotations = 0
 
     def _open(self) -> IO[bytes]:
         try:
@@ -92,7 +91,6 @@ class FileSink:
         else:
             self.path.unlink(missing_ok=True)
         self._file = self._open()
-        self.rotations += 1
 
     def _reopen_if_moved(self) -> None:
         """Also recovers from a rotation that failed halfway (a closed file)."""
