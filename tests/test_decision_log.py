@@ -645,7 +645,9 @@ def span(sampled_: bool) -> SpanContext:
     [
         (span(True), "", (TRACE_ID, "0000000000000abc")),
         (span(False), "", (TRACE_ID, "")),  # the sampler dropped the span: no span id
-        (None, f"00-{TRACE_ID.upper()}-00f067aa0ba902b7-01", (TRACE_ID, "")),
+        (None, f"00-{TRACE_ID}-00f067aa0ba902b7-01", (TRACE_ID, "")),
+        # W3C allows lower-case hex only; the tracer ignores it too, so the log does
+        (None, f"00-{TRACE_ID.upper()}-00f067aa0ba902b7-01", ("", "")),
         (None, "00-00000000000000000000000000000000-00f067aa0ba902b7-01", ("", "")),
         (None, "00-not-hex", ("", "")),
         (None, f"00-{'z' * 32}-00f067aa0ba902b7-01", ("", "")),

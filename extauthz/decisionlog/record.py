@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from google.protobuf import json_format
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import SpanContext, get_current_span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..decision import Decision, Outcome
 from ..policy.model import Target
@@ -140,6 +141,9 @@ def http_status(decision: Decision) -> int:
     return OUTCOMES[decision.outcome].http_status
 
 
+_W3C = TraceContextTextMapPropagator()
+
+
 def trace_ids(span: SpanContext | None, traceparent: str) -> tuple[str, str]:
     """(trace id, span id) in hex: the decision span's, or Envoy's trace id without one.
 
@@ -148,13 +152,10 @@ def trace_ids(span: SpanContext | None, traceparent: str) -> tuple[str, str]:
     if span is not None and span.is_valid:
         span_id = f"{span.span_id:016x}" if span.trace_flags.sampled else ""
         return f"{span.trace_id:032x}", span_id
-    parts = traceparent.strip().split("-")
-    if len(parts) >= 4 and len(parts[1]) == 32:
-        try:
-            if int(parts[1], 16):
-                return parts[1].lower(), ""
-        except ValueError:
-            pass
+    if traceparent:  # on the writer thread: parsing here costs the Check nothing
+        remote = get_current_span(_W3C.extract({"traceparent": traceparent})).get_span_context()
+        if remote.is_valid:
+            return f"{remote.trace_id:032x}", ""
     return "", ""
 
 
