@@ -148,10 +148,11 @@ def run(seconds: float, rate: float, sample_every: float) -> dict[str, Any]:
             )
         try:
             wait_serving(target, proc, log_path)
-            counts: dict[str, int] = {}
+            warm_counts: dict[str, int] = {}
+            counts: dict[str, int] = {}  # the measured phase only
             # Warm-up: every token and workload once, so the caches are full before measuring.
             warm = [_request(t, namespaces[i % WORKLOADS]) for i, t in enumerate(tokens)]
-            asyncio.run(_drive(target, warm, rate=2000, seconds=len(warm) / 2000, counts=counts))
+            asyncio.run(_drive(target, warm, rate=2000, seconds=len(warm) / 2000, counts=warm_counts))
             pick = random.Random(11)  # noqa: S311 - the load's shape, not a secret
             requests = [
                 _request(pick.choice(tokens), pick.choice(namespaces)) for _ in range(20_000)
@@ -181,6 +182,7 @@ def run(seconds: float, rate: float, sample_every: float) -> dict[str, Any]:
         "seconds": seconds,
         "rate": rate,
         "answers": counts,
+        "warm_up_answers": warm_counts,
         "rss_kib_start": first[1],
         "rss_kib_end": last[1],
         "rss_kib_max": max(s[1] for s in samples),

@@ -166,6 +166,10 @@ def test_a_callers_traceparent_is_continued_through_envoy(mesh: Mesh, collector:
 def test_decisions_are_counted_at_the_collector(mesh: Mesh, collector: Collector) -> None:
     assert mesh.call("frontend", "orders", "GET", "/orders/1", token=token(mesh)).status == 200
     assert mesh.call("frontend", "orders", "GET", "/orders/1").status == 403
+    # A reason no other test of this module produces: its count is this test's alone.
+    for _ in range(3):
+        assert mesh.call("frontend", "orders", "GET", "/orders/1", token="not-a-jwt").status == 401
+    malformed = (("reason", "jwt_malformed"), ("result", "unauthenticated"))
 
     def counted(c: Collector) -> dict[tuple[str, ...], int] | None:
         exports = [r.item for r in c.metrics() if r.item.name == "extauthz.decisions"]
@@ -177,10 +181,12 @@ def test_decisions_are_counted_at_the_collector(mesh: Mesh, collector: Collector
         }
         allow = (("policy", "shop/orders"), ("reason", "allowed_by_policy"), ("result", "allow"))
         deny = (("reason", "no_allow_policy_matched"), ("result", "permission_denied"))
-        return latest if latest.get(allow, 0) >= 1 and latest.get(deny, 0) >= 1 else None
+        if latest.get(allow, 0) >= 1 and latest.get(deny, 0) >= 1 and latest.get(malformed, 0) >= 3:
+            return latest
+        return None
 
     latest = collector.wait_for(counted)
-    assert all(n >= 1 for n in latest.values())
+    assert latest[malformed] == 3
     names = {r.item.name for r in collector.metrics() if r.service == "extauthz"}
     assert {"extauthz.decisions", "extauthz.decision.duration", "extauthz.checks.in_flight"} <= (
         names

@@ -14,7 +14,7 @@ def test_short_soak_is_flat() -> None:
         f"fds {result['fds_start']} -> {result['fds_end']}"
     )
     assert not [k for k in answers if k.startswith("rpc_")], answers
-    assert answers["allow"] > 4_000
+    assert answers["allow"] >= 0.9 * 15 * 300  # the measured phase alone, at its rate
     # Caches were filled during the warm-up: what remains would be a leak. The bound leaves
     # room for allocator noise (a 30 s run moved by -0.4 MiB), not for a leak of ~1 KiB per
     # request (4.5 MiB here).

@@ -3,8 +3,9 @@ on (100% sampling) and pointed at a closed port, against tracing off.
 
 The servers run as processes of their own and are measured in interleaved rounds (medians),
 so a busy neighbour slows both alike. What is asserted is the server's CPU time per Check,
-within 5%: it is what a dead collector could add, and a shared 2-core machine disturbs it far
-less than throughput. Throughput is asserted more loosely (15%); ``python -m
+within 10% (the figure is +1-2%; the bound leaves room for a shared 2-core CI machine and
+still fails the ~17% of the regression it guards against): it is what a dead collector could
+add, and such a machine disturbs it far less than throughput. Throughput is asserted more loosely (15%); ``python -m
 loadtest.tracing_cost`` reports both precisely. Without the skip of spans that could only be
 dropped (telemetry's export backlog), it is about 17%: spans built, then dropped by the
 full queue, each with a log record.
@@ -21,5 +22,5 @@ def test_a_dead_collector_costs_no_throughput() -> None:
         f"off: {off.checks_per_second:.0f}/s, {off.cpu_us:.1f} µs CPU per Check; "
         f"collector down: {dead.checks_per_second:.0f}/s, {dead.cpu_us:.1f} µs"
     )
-    assert dead.cpu_vs_off <= 1.05, detail
+    assert dead.cpu_vs_off <= 1.10, detail
     assert dead.vs_off >= 0.85, detail
