@@ -152,7 +152,9 @@ def run(seconds: float, rate: float, sample_every: float) -> dict[str, Any]:
             counts: dict[str, int] = {}  # the measured phase only
             # Warm-up: every token and workload once, so the caches are full before measuring.
             warm = [_request(t, namespaces[i % WORKLOADS]) for i, t in enumerate(tokens)]
-            asyncio.run(_drive(target, warm, rate=2000, seconds=len(warm) / 2000, counts=warm_counts))
+            asyncio.run(
+                _drive(target, warm, rate=2000, seconds=len(warm) / 2000, counts=warm_counts)
+            )
             pick = random.Random(11)  # noqa: S311 - the load's shape, not a secret
             requests = [
                 _request(pick.choice(tokens), pick.choice(namespaces)) for _ in range(20_000)
