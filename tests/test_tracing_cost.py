@@ -5,8 +5,8 @@ The servers run as processes of their own and are measured in interleaved rounds
 so a busy neighbour slows both alike. What is asserted is the server's CPU time per Check,
 within 10% (the figure is +1-2%; the bound leaves room for a shared 2-core CI machine and
 still fails the ~17% of the regression it guards against): it is what a dead collector could
-add, and such a machine disturbs it far less than throughput. Throughput is asserted more loosely (15%); ``python -m
-loadtest.tracing_cost`` reports both precisely. Without the skip of spans that could only be
+add, and such a machine disturbs it far less than throughput. Throughput is asserted more
+loosely (15%); ``python -m loadtest.tracing_cost`` reports both precisely. Without the skip of spans that could only be
 dropped (telemetry's export backlog), it is about 17%: spans built, then dropped by the
 full queue, each with a log record.
 """
