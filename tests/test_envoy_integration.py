@@ -215,3 +215,84 @@ def test_the_sidecar_authorizes_the_normalized_path(mesh: Mesh, path: str) -> No
 def test_underscored_header_names_are_refused(mesh: Mesh) -> None:
     r = mesh.call("orders", "frontend", "GET", "/", headers={"x_user": "admin"})
     assert r.status == 400
+
+
+MINTING = """\
+apiVersion: extauthz.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: orders, namespace: shop}
+spec:
+  selector: {matchLabels: {app: orders}}
+  action: ALLOW
+  rules:
+    - from: [{source: {requestPrincipals: ["https://idp.demo.local/*"]}}]
+      to: [{operation: {methods: [GET], paths: [/orders/*]}}]
+      token: {claims: [email], audience: orders, ttl: 60s}
+"""
+
+
+def test_minted_token_and_decision_log_through_envoy(tmp_path: Path) -> None:
+    """Token exchange and the decision log through a real sidecar: the workload receives the
+    minted token (never the caller's), and the log holds the decision the client saw, with
+    no credential in it."""
+    import json as _json
+
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from extauthz.devtools.mesh import EXAMPLE_POLICIES
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "mesh-jwt.yaml").write_text((EXAMPLE_POLICIES / "mesh-jwt.yaml").read_text())
+    (policies / "orders.yaml").write_text(MINTING)
+    signing = ec.generate_private_key(ec.SECP256R1())
+    key_file = tmp_path / "signing.pem"
+    key_file.write_bytes(
+        signing.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    log_file = tmp_path / "decisions.jsonl"
+    args = ["--signing-key", str(key_file), "--decision-log", str(log_file)]
+    with Mesh(
+        tmp_path / "mesh",
+        policies=policies,
+        workloads=("orders",),
+        clients=("frontend",),
+        extauthz_args=args,
+    ) as m:
+        caller = m.idp.token("alice", audience="shop", email="alice@example.com", ttl=600)
+        r = m.call("frontend", "orders", "GET", "/orders/7", token=caller)
+        assert r.status == 200, r.body
+        upstream = r.json()["headers"]
+        minted = upstream["authorization"].removeprefix("Bearer ")
+        assert minted != caller
+        claims = pyjwt.decode(
+            minted,
+            signing.public_key(),
+            algorithms=["ES256"],
+            audience="orders",
+            issuer="extauthz",
+        )
+        assert claims["sub"] == "alice"
+        assert claims["email"] == "alice@example.com"
+        assert claims["azp"] == m.spiffe_id("frontend")
+        decision_id = upstream["x-extauthz-decision-id"]  # on allow it goes upstream
+        denied = m.call("frontend", "orders", "GET", "/other", token=caller)
+        assert denied.status == 403
+        assert m.stop_extauthz() == 0  # a graceful stop writes what is queued
+    text = log_file.read_text()
+    records = {rec["decision_id"]: rec for rec in map(_json.loads, text.splitlines())}
+    assert records[decision_id]["outcome"] == "OUTCOME_ALLOW"
+    assert records[decision_id]["minted_token_audience"] == "orders"
+    # The mesh trusts XFCC (its sidecar sets it): the caller came from Envoy's header.
+    assert records[decision_id]["caller"]["source"] == "xfcc"
+    assert records[decision_id]["caller"]["spiffe_id"].endswith("/sa/frontend")
+    assert records[denied.headers["x-extauthz-decision-id"]]["http_status"] == 403
+    assert caller not in text
+    assert minted not in text
+    assert caller.split(".")[1] not in text  # not even the payload
