@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -200,18 +200,8 @@ class WorkloadPolicies:
         verdict = self.enforced.evaluate(attrs)
         if self.shadow is None:
             return verdict
-        shadow = self.shadow.evaluate(attrs)
-        return Verdict(
-            verdict.allowed,
-            verdict.reason,
-            verdict.policy,
-            verdict.rule,
-            verdict.audit,
-            dry_run=shadow,
-            headers=verdict.headers,
-            token=verdict.token,
-            deny_response=verdict.deny_response,
-        )
+        # replace(): a field added to Verdict later cannot be dropped here.
+        return replace(verdict, dry_run=self.shadow.evaluate(attrs))
 
 
 def parse_labels(text: str) -> Mapping[str, str]:
