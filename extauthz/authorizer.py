@@ -233,7 +233,7 @@ class Authorizer:
             inp,
             principal=peer.principal if peer else None,
             token=token,
-            remote_ip=_remote_ip(inp, self.settings.xff_trusted_hops),
+            trusted_hops=self.settings.xff_trusted_hops,
         )
         if trace is not None:
             trace.attrs, trace.workload = attrs, workload
@@ -403,17 +403,6 @@ def _is_cors_preflight(inp: CheckInput) -> bool:
     # Browsers send preflights without credentials; Envoy's jwt_authn lets them through.
     h = inp.headers
     return inp.method == "OPTIONS" and "origin" in h and "access-control-request-method" in h
-
-
-def _remote_ip(inp: CheckInput, trusted_hops: int) -> str:
-    """Istio's ``remote.ip``: the client address behind ``trusted_hops`` trusted proxies."""
-    if trusted_hops <= 0:
-        return inp.source_ip
-    xff = [a.strip() for a in inp.headers.get("x-forwarded-for", "").split(",") if a.strip()]
-    if len(xff) <= trusted_hops:
-        # Fewer entries than trusted proxies: nothing in XFF is trustworthy (Envoy's rule).
-        return inp.source_ip
-    return xff[-trusted_hops - 1]
 
 
 def _claim_header_value(claims: Mapping[str, Any], claim: ClaimToHeader) -> str | None:

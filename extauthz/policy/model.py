@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from functools import cached_property
 from typing import Any
 
 from ..decision import DenyResponse, Header
 from ..identity.jwt import JwtProvider, VerifiedToken
 from ..identity.mint import TokenSpec
-from ..request import CheckInput
+from ..request import CheckInput, client_ip
 from .match import IPAddress, parse_ip
 
 
@@ -25,12 +24,32 @@ class Action(Enum):
     AUDIT = "AUDIT"
 
 
+_UNSET: Any = object()
+
+
 class Attributes:
     """What a policy can ask about one request, each value computed at most once.
 
     ``None`` means the attribute is absent (no mTLS peer, no token), which no positive match
     accepts and every ``not`` form does, exactly as Istio's generated Envoy RBAC behaves.
+    ``remote_ip`` is Istio's ``remote.ip`` as text; without it, it is the client address
+    behind ``trusted_hops`` proxies, worked out only if a policy asks. Slots and hand-made
+    lazy values instead of ``functools.cached_property``, which takes a lock per first read.
     """
+
+    __slots__ = (
+        "_claims",
+        "_destination_ip",
+        "_port",
+        "_remote_ip",
+        "_remote_ip_text",
+        "_request_principal",
+        "_source_ip",
+        "_trusted_hops",
+        "inp",
+        "principal",
+        "token",
+    )
 
     def __init__(
         self,
@@ -38,40 +57,68 @@ class Attributes:
         *,
         principal: str | None,
         token: VerifiedToken | None,
-        remote_ip: str,
+        remote_ip: str | None = None,
+        trusted_hops: int = 0,
     ) -> None:
         self.inp = inp
         self.principal = principal
         self.token = token
-        self._remote_ip = remote_ip
+        self._remote_ip_text = remote_ip
+        self._trusted_hops = trusted_hops
+        self._request_principal: Any = _UNSET
+        self._claims: Any = _UNSET
+        self._source_ip: Any = _UNSET
+        self._remote_ip: Any = _UNSET
+        self._destination_ip: Any = _UNSET
+        self._port: Any = _UNSET
 
     @property
     def headers(self) -> Mapping[str, str]:
         return self.inp.headers
 
-    @cached_property
+    @property
     def request_principal(self) -> tuple[str, str] | None:
-        return (self.token.issuer, self.token.subject) if self.token else None
+        value = self._request_principal
+        if value is _UNSET:
+            token = self.token
+            value = self._request_principal = (token.issuer, token.subject) if token else None
+        return value  # type: ignore[no-any-return]
 
-    @cached_property
+    @property
     def claims(self) -> Mapping[str, Any] | None:
         return self.token.claims if self.token else None
 
-    @cached_property
+    @property
     def source_ip(self) -> IPAddress | None:
-        return parse_ip(self.inp.source_ip)
+        value = self._source_ip
+        if value is _UNSET:
+            value = self._source_ip = parse_ip(self.inp.source_ip)
+        return value  # type: ignore[no-any-return]
 
-    @cached_property
+    @property
     def remote_ip(self) -> IPAddress | None:
-        return parse_ip(self._remote_ip)
+        value = self._remote_ip
+        if value is _UNSET:
+            text = self._remote_ip_text
+            if text is None:
+                text = client_ip(self.inp, self._trusted_hops)
+            value = self._remote_ip = parse_ip(text)
+        return value  # type: ignore[no-any-return]
 
-    @cached_property
+    @property
     def destination_ip(self) -> IPAddress | None:
-        return parse_ip(self.inp.destination_ip)
+        value = self._destination_ip
+        if value is _UNSET:
+            value = self._destination_ip = parse_ip(self.inp.destination_ip)
+        return value  # type: ignore[no-any-return]
 
-    @cached_property
+    @property
     def port(self) -> str | None:
-        return str(self.inp.destination_port) if self.inp.destination_port else None
+        value = self._port
+        if value is _UNSET:
+            port = self.inp.destination_port
+            value = self._port = str(port) if port else None
+        return value  # type: ignore[no-any-return]
 
 
 Test = Callable[[Attributes], bool]
