@@ -27,7 +27,7 @@ from .errors import ConfigError, ExtAuthzError
 from .jwks_server import JwksServer
 from .reload import PolicyReloader, ReloadStatus
 from .request import CheckInput, from_check_request
-from .response import to_check_response
+from .response import encode_check_response
 from .telemetry import Telemetry
 from .tls import ReloadingCredentials
 
@@ -41,11 +41,12 @@ DEADLINE_MARGIN_SECONDS = 0.02
 
 # Built at import: the answer of last resort must not itself be able to fail.
 _FAILED = Decision(Outcome.ERROR, "internal_error", "the authorization server failed to decide", "")
-_LAST_RESORT = to_check_response(_FAILED)
+_LAST_RESORT = encode_check_response(_FAILED)
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    """``envoy.service.auth.v3.Authorization``."""
+    """``envoy.service.auth.v3.Authorization``. ``Check`` answers with the serialized
+    CheckResponse (:func:`add_authorization_servicer` sends those bytes as they are)."""
 
     def __init__(
         self,
@@ -60,7 +61,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self.recent = recent
         self.decision_log = decision_log
 
-    async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         telemetry = self.telemetry
         # A plain count the in-flight metric observes: the SDK's UpDownCounter.add costs
         # ~10 µs, twice per Check.
@@ -70,7 +71,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         finally:
             telemetry.in_flight -= 1
 
-    async def _check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def _check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         start = time.perf_counter_ns()  # for durations
         wall = time.time_ns()  # for the decision log's timestamps
         try:
@@ -86,7 +87,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         try:
             if inp is not None:
                 decision = await self.authorizer.check_async(inp, wait=_key_wait(self, context))
-            response = to_check_response(decision)
+            response = encode_check_response(decision)
             # On the wall clock for the log's timestamps, measured on the monotonic one.
             decided = wall + time.perf_counter_ns() - start
         except Exception:
@@ -107,7 +108,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             self.decision_log.record(decision, inp, wall, span, metadata, decided)
         return response
 
-    def _last_resort(self, inp: CheckInput | None, start: int, wall: int, context: Any) -> Any:
+    def _last_resort(self, inp: CheckInput | None, start: int, wall: int, context: Any) -> bytes:
         """The answer of last resort, counted, traced and logged as the error it is."""
         metadata = context.invocation_metadata() or ()
         span = None
@@ -118,6 +119,27 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         if self.decision_log is not None:  # never raises
             self.decision_log.record(_FAILED, inp, wall, span, metadata)
         return _LAST_RESORT
+
+
+def _wire(response: Any) -> bytes:
+    """Check's answers are already serialized; anything else is a message to serialize."""
+    return response if type(response) is bytes else bytes(response.SerializeToString())
+
+
+def add_authorization_servicer(servicer: AuthorizationServicer, server: grpc.aio.Server) -> None:
+    """Register Check as the generated code does, but with responses sent as the bytes the
+    servicer encoded (no CheckResponse object is built per Check)."""
+    handler = grpc.unary_unary_rpc_method_handler(
+        servicer.Check,
+        request_deserializer=external_auth_pb2.CheckRequest.FromString,
+        response_serializer=_wire,
+    )
+    handlers = {"Check": handler}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, handlers),)
+    )
+    # As the generated code does; grpc-stubs does not know this method yet.
+    server.add_registered_method_handlers(AUTHORIZATION_SERVICE, handlers)  # type: ignore[attr-defined]
 
 
 def _key_wait(servicer: AuthorizationServicer, context: Any) -> float:
@@ -188,7 +210,7 @@ class Server:
                 ("grpc.so_reuseport", 0),  # two servers on one port would split Envoy's load
             ]
         )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        add_authorization_servicer(
             AuthorizationServicer(self.authorizer, self.telemetry, self.recent, self.decision_log),
             server,
         )

@@ -28,7 +28,7 @@ from extauthz.devtools.idp import DevIdP
 from extauthz.devtools.mesh import EXAMPLE_POLICIES, ISSUER, JWKS_FILE
 from extauthz.policy.engine import PolicySet
 from extauthz.request import from_check_request
-from extauthz.response import to_check_response
+from extauthz.response import encode_check_response
 
 
 def browser_headers(authority: str, method: str, path: str) -> dict[str, str]:
@@ -78,7 +78,7 @@ def _request(principal: str, app: str, method: str, path: str, token: str | None
 def _once(authorizer: Authorizer, raw: bytes) -> bytes:
     req = external_auth_pb2.CheckRequest.FromString(raw)
     decision = authorizer.check(from_check_request(req))
-    return bytes(to_check_response(decision).SerializeToString())
+    return encode_check_response(decision)
 
 
 def _measure(fn: Callable[[], object], n: int, rounds: int) -> list[float]:
