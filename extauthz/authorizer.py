@@ -10,10 +10,10 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import replace
 from typing import Any
 
 from .config import Settings
+from .decision import NO_CLAIMS as _NO_CLAIMS
 from .decision import Decision, Header, Outcome, new_decision_id
 from .errors import (
     ExtAuthzError,
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 _NO_TARGETS: frozenset[Target] = frozenset()
 # context_extensions naming what a targetRefs policy targets
 _TARGET_KINDS = (("service", "Service"), ("gateway", "Gateway"))
+_DENY_MESSAGES = {"denied_by_policy": "a DENY policy matched"}  # else no ALLOW matched
 _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F)) - {"\t"}
 
 
@@ -163,8 +164,7 @@ class Authorizer:
             if refresh is not None and isinstance(exc, TokenError) and exc.refresh is not None:
                 refresh.append(exc.refresh)
             namespace, principal, spiffe_id = self._known_before(inp)
-            return replace(
-                self.refuse(exc, decision_id),
+            return self.refuse(exc, decision_id).replace(
                 policy_revision=policies.revision,
                 namespace=namespace,
                 principal=principal,
@@ -239,36 +239,29 @@ class Authorizer:
             trace.attrs, trace.workload = attrs, workload
         verdict = workload.evaluate(attrs)
         shadow = verdict.dry_run
-        common: dict[str, Any] = {
-            "policy": verdict.policy,
-            "rule": verdict.rule,
-            "audit": verdict.audit,
-            "dry_run_allowed": shadow.allowed if shadow else None,
-            "dry_run_policy": shadow.policy if shadow else "",
-            "spiffe_id": peer.spiffe.uri if peer and peer.spiffe else "",
-            "principal": peer.principal if peer else "",
-            "issuer": token.issuer if token else "",
-            "subject": token.subject if token else "",
-            "audiences": token.audiences if token else (),
-            "policy_revision": policies.revision,
-            "identity_source": peer.source if peer else "",
-            "namespace": namespace or "",
-        }
-        if token is not None:
-            common["claims"] = token.claims
+        sid = peer.spiffe if peer is not None else None
+        spiffe_id = sid.uri if sid is not None else ""
         if not verdict.allowed:
-            message = (
-                "a DENY policy matched"
-                if verdict.reason == "denied_by_policy"
-                else "no ALLOW policy matched"
-            )
             return Decision(
                 Outcome.PERMISSION_DENIED,
                 verdict.reason,
-                message,
+                _DENY_MESSAGES.get(verdict.reason, "no ALLOW policy matched"),
                 decision_id,
+                verdict.policy,
+                verdict.rule,
+                verdict.audit,
+                shadow.allowed if shadow is not None else None,
+                shadow.policy if shadow is not None else "",
+                spiffe_id,
+                peer.principal if peer is not None else "",
+                token.issuer if token is not None else "",
+                token.subject if token is not None else "",
+                policies.revision,
                 deny_response=verdict.deny_response,
-                **common,
+                identity_source=peer.source if peer is not None else "",
+                namespace=namespace or "",
+                audiences=token.audiences if token is not None else (),
+                claims=token.claims if token is not None else _NO_CLAIMS,
             )
         minted: Header | None = None
         audience = ""
@@ -277,19 +270,48 @@ class Authorizer:
                 audience, minted = self._mint(verdict.token, inp, peer, token, cached=trace is None)
             except ExtAuthzError as exc:
                 # The rule allowed, but not without the token it promised the upstream.
-                return replace(self.refuse(exc, decision_id), **common)
+                refused = self.refuse(exc, decision_id)
+                return refused.replace(
+                    policy=verdict.policy,
+                    rule=verdict.rule,
+                    audit=verdict.audit,
+                    dry_run_allowed=shadow.allowed if shadow is not None else None,
+                    dry_run_policy=shadow.policy if shadow is not None else "",
+                    spiffe_id=spiffe_id,
+                    principal=peer.principal if peer is not None else "",
+                    issuer=token.issuer if token is not None else "",
+                    subject=token.subject if token is not None else "",
+                    audiences=token.audiences if token is not None else (),
+                    policy_revision=policies.revision,
+                    identity_source=peer.source if peer is not None else "",
+                    namespace=namespace or "",
+                    claims=token.claims if token is not None else _NO_CLAIMS,
+                )
         upstream, remove = self._upstream_headers(
-            workload, peer, token, decision_id, verdict.headers, minted
+            workload, spiffe_id, token, decision_id, verdict.headers, minted
         )
         return Decision(
             Outcome.ALLOW,
             verdict.reason,
             "allowed",
             decision_id,
-            upstream_headers=upstream,
-            remove_headers=remove,
+            verdict.policy,
+            verdict.rule,
+            verdict.audit,
+            shadow.allowed if shadow is not None else None,
+            shadow.policy if shadow is not None else "",
+            spiffe_id,
+            peer.principal if peer is not None else "",
+            token.issuer if token is not None else "",
+            token.subject if token is not None else "",
+            policies.revision,
+            upstream,
+            remove,
             token_audience=audience,
-            **common,
+            identity_source=peer.source if peer is not None else "",
+            namespace=namespace or "",
+            audiences=token.audiences if token is not None else (),
+            claims=token.claims if token is not None else _NO_CLAIMS,
         )
 
     def _mint(
@@ -327,15 +349,15 @@ class Authorizer:
     def _upstream_headers(
         self,
         workload: WorkloadPolicies,
-        peer: peer_identity.Peer | None,
+        spiffe_id: str,
         token: VerifiedToken | None,
         decision_id: str,
         rule_headers: tuple[Header, ...],
         minted: Header | None = None,
     ) -> tuple[tuple[Header, ...], tuple[str, ...]]:
-        managed = workload.identity_headers | self._own_headers
+        managed = workload.managed_headers(self._own_headers)
         # A policy's static header never stands in for an identity header left unset.
-        out: list[Header] = [h for h in rule_headers if h[0] not in managed]
+        out: list[Header] = [h for h in rule_headers if h[0] not in managed] if rule_headers else []
         remove: list[str] = []
         if token is not None:
             provider = token.provider
@@ -358,8 +380,8 @@ class Authorizer:
             out.append(minted)
         # Written last so that they win even if a claim header had the same name.
         out.append((DECISION_ID_HEADER, decision_id))
-        if peer is not None and peer.spiffe is not None:
-            out.append((self.settings.spiffe_id_header, peer.spiffe.uri))
+        if spiffe_id:
+            out.append((self.settings.spiffe_id_header, spiffe_id))
         # Strip every identity header a caller could have forged and we did not set.
         written = {k for k, _ in out}
         remove.extend(sorted(managed - written))

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from urllib.parse import parse_qsl
 
 import jwt
@@ -65,9 +65,11 @@ class Jwk:
     key: Any
 
 
-@dataclass(frozen=True, slots=True)
-class TokenLocation:
-    """Where a token may be: a header (with a value prefix), a query parameter or a cookie."""
+class TokenLocation(NamedTuple):
+    """Where a token may be: a header (with a value prefix), a query parameter or a cookie.
+
+    A NamedTuple: part of the verified-token cache's key, hashed on every lookup (in C).
+    """
 
     kind: Literal["header", "param", "cookie"]
     name: str
@@ -363,6 +365,7 @@ class TokenVerifier:
                 seen.setdefault(loc, None)
         self.locations = tuple(seen)
         self._reads_params = any(loc.kind == "param" for loc in self.locations)
+        self._param_names = tuple(loc.name for loc in self.locations if loc.kind == "param")
         # Headers extauthz writes for these providers: a caller must never supply them.
         self.output_headers = frozenset(
             [h.header for p in self.providers for h in p.output_claim_to_headers]
@@ -375,8 +378,11 @@ class TokenVerifier:
         if not self.locations:
             return None
         params: dict[str, list[str]] = {}
-        if self._reads_params and inp.query:
-            for name, value in parse_qsl(inp.query):
+        query = inp.query
+        # A parameter name we read decodes only from itself, a %-escape or a '+' (a space):
+        # any other query (the usual one) needs no parsing.
+        if self._reads_params and query and ("%" in query or "+" in query or self._param_in(query)):
+            for name, value in parse_qsl(query):
                 params.setdefault(name, []).append(value)
         cookies = _cookies(inp.headers.get("cookie", "")) if self._reads_cookies else {}
         found: tuple[str, TokenLocation] | None = None
@@ -392,6 +398,9 @@ class TokenVerifier:
                     f"{loc.describe()}"
                 )
         return found
+
+    def _param_in(self, query: str) -> bool:
+        return any(name in query for name in self._param_names)
 
     def verify(self, inp: CheckInput) -> VerifiedToken | None:
         """Verify the request's token; None when it carries none. Raise TokenError if bad."""

@@ -41,6 +41,7 @@ from ..identity.mint import (
 from .cel import compile_cel
 from .match import (
     BadValue,
+    StringMatcher,
     compile_ip_blocks,
     compile_namespaces,
     compile_path_templates,
@@ -583,7 +584,8 @@ def _on(get: Getter, make: Callable[[list[str]], Matcher]) -> Compiler:
     """Compile ``values`` with ``make`` once; test the attribute ``get`` reads per request."""
 
     def compile_(values: list[str], namespace: str | None) -> tuple[Test, Getter]:
-        match = make(values)
+        made = make(values)
+        match = made.function() if isinstance(made, StringMatcher) else made
         return (lambda a: match(get(a))), get
 
     return compile_
