@@ -27,7 +27,7 @@ from .errors import (
 )
 from .identity import peer as peer_identity
 from .identity import spiffe
-from .identity.jwt import ClaimToHeader, VerifiedToken, claim_value
+from .identity.jwt import VerifiedToken
 from .identity.mint import TokenMinter, TokenSpec, request_audience, token_header
 from .policy.engine import PolicySet, WorkloadPolicies
 from .policy.explain import Explanation, explain_policies
@@ -41,7 +41,6 @@ _NO_TARGETS: frozenset[Target] = frozenset()
 # context_extensions naming what a targetRefs policy targets
 _TARGET_KINDS = (("service", "Service"), ("gateway", "Gateway"))
 _DENY_MESSAGES = {"denied_by_policy": "a DENY policy matched"}  # else no ALLOW matched
-_CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F)) - {"\t"}
 
 
 class Authorizer:
@@ -361,10 +360,7 @@ class Authorizer:
         remove: list[str] = []
         if token is not None:
             provider = token.provider
-            for item in provider.output_claim_to_headers:
-                value = _claim_header_value(token.claims, item)
-                if value is not None:
-                    out.append((item.header, value))
+            out.extend(token.claim_headers)
             if provider.output_payload_to_header:
                 out.append((provider.output_payload_to_header, token.payload_segment))
             if token.location.kind == "header":
@@ -425,24 +421,6 @@ def _is_cors_preflight(inp: CheckInput) -> bool:
     # Browsers send preflights without credentials; Envoy's jwt_authn lets them through.
     h = inp.headers
     return inp.method == "OPTIONS" and "origin" in h and "access-control-request-method" in h
-
-
-def _claim_header_value(claims: Mapping[str, Any], claim: ClaimToHeader) -> str | None:
-    """A string/int/bool claim as a header value; None if absent, another type or unsafe."""
-    value = claims[claim.name] if claim.name in claims else claim_value(claims, claim.path)
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, int | str):
-        text = str(value)
-    else:
-        return None
-    if any(ch in _CONTROL for ch in text):
-        return None  # CR/LF or NUL in a claim must never reach an upstream header
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return None  # a lone surrogate ("\ud800") cannot go into a header at all
-    return text
 
 
 def _www_authenticate(reason: str) -> Header:

@@ -20,6 +20,7 @@ from typing import Any
 from .errors import RequestError
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+_set = object.__setattr__
 
 
 class Headers(Mapping[str, str]):
@@ -28,10 +29,17 @@ class Headers(Mapping[str, str]):
     Read-only; the request message it reads is owned by this Check and never modified.
     """
 
-    __slots__ = ("_map",)
+    __slots__ = ("_map", "get")
+    _map: Any
 
     def __init__(self, source: Any) -> None:
-        self._map = source
+        _set(self, "_map", source)
+        # The map's own get, in C, rather than a Python method around it: headers are read by
+        # name a few times per Check. (A slot, so it shadows Mapping.get.)
+        _set(self, "get", source.get)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Headers are read-only ({name})")
 
     def __getitem__(self, key: str) -> str:
         # Never ``self._map[key]``: a protobuf map inserts a missing key on ``[]``.
@@ -39,9 +47,6 @@ class Headers(Mapping[str, str]):
         if value is None:
             raise KeyError(key)
         return value
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._map.get(key, default)
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key in self._map
