@@ -73,8 +73,7 @@ def _header_option(key: str, value: str) -> bytes:
 
 
 _APPEND_ACTION = b"\x18" + _varint(_OVERWRITE)
-# Repeated on every decision of a caller / token / policy: cached, bounded.
-_cached_option = lru_cache(maxsize=4096)(_header_option)
+_cached_option = lru_cache(maxsize=1024)(_header_option)  # deny headers, few and constant
 
 
 def _status(code: int, message: str) -> bytes:
@@ -85,18 +84,42 @@ def _status(code: int, message: str) -> bytes:
 _OK_STATUS = _status(code_pb2.OK, "")
 
 
+def _ok_header(key: str, value: str) -> bytes:
+    """OkHttpResponse.headers entry: a HeaderValueOption, framed."""
+    return _field(b"\x12", _header_option(key, value))
+
+
+def _removed(name: str) -> bytes:
+    """OkHttpResponse.headers_to_remove entry (a repeated string keeps its empty elements)."""
+    return _field(b"\x2a", name.encode())
+
+
+# Repeated on every decision of a caller / token / policy: cached, bounded.
+_cached_ok_header = lru_cache(maxsize=4096)(_ok_header)
+_cached_removed = lru_cache(maxsize=256)(_removed)
+# The decision id header of a new_decision_id() (32 characters) around the id's own bytes.
+_ID_LENGTH = 32
+_ID_HEAD, _ID_TAIL = _ok_header(DECISION_ID_HEADER, "0" * _ID_LENGTH).split(b"0" * _ID_LENGTH)
+
+
+def _id_header(decision_id: str) -> bytes:
+    raw = decision_id.encode()
+    if len(raw) == _ID_LENGTH:
+        return _ID_HEAD + raw + _ID_TAIL
+    return _ok_header(DECISION_ID_HEADER, decision_id)
+
+
 def encode_check_response(decision: Decision) -> bytes:
     """The serialized CheckResponse for ``decision``: what the server sends Envoy."""
     if decision.outcome is Outcome.ALLOW:
         ok_fields = b"".join(
-            _field(
-                b"\x12",
-                _header_option(k, v) if k == DECISION_ID_HEADER else _cached_option(k, v),
-            )
-            for k, v in decision.upstream_headers
+            [
+                _id_header(v) if k == DECISION_ID_HEADER else _cached_ok_header(k, v)
+                for k, v in decision.upstream_headers
+            ]
         )
-        # A repeated string keeps its empty elements.
-        ok_fields += b"".join(_field(b"\x2a", name.encode()) for name in decision.remove_headers)
+        if decision.remove_headers:
+            ok_fields += b"".join([_cached_removed(name) for name in decision.remove_headers])
         return _OK_STATUS + _field(b"\x1a", ok_fields)
     row = OUTCOMES[decision.outcome]
     custom = decision.deny_response

@@ -130,6 +130,7 @@ _headers = st.lists(st.tuples(st.text(min_size=1, max_size=40), _text), max_size
 @settings(max_examples=300, deadline=None)
 @given(
     outcome=st.sampled_from(list(Outcome)),
+    decision_id=st.sampled_from([ID, "", "é" * 16, "é" * 32]) | st.text(max_size=40),
     reason=_text,
     message=_text,
     headers=_headers,
@@ -139,6 +140,7 @@ _headers = st.lists(st.tuples(st.text(min_size=1, max_size=40), _text), max_size
 )
 def test_any_decision_encodes_as_protobuf_does(
     outcome: Outcome,
+    decision_id: str,
     reason: str,
     message: str,
     headers: list[tuple[str, str]],
@@ -149,8 +151,8 @@ def test_any_decision_encodes_as_protobuf_does(
         outcome,
         reason,
         message,
-        ID,
-        upstream_headers=tuple(headers),
+        decision_id,
+        upstream_headers=(*headers, (DECISION_ID_HEADER, decision_id)),
         remove_headers=tuple(remove),
         client_headers=tuple(headers),
         deny_response=custom,

@@ -141,6 +141,13 @@ class RequestPrincipalMatcher:
     whole: StringMatcher | None
     any_principal: bool
 
+    def function(self) -> Callable[[tuple[str, str] | None], bool]:
+        """The usual form (one ``iss/sub`` value) as one closure; the rest as ``__call__``."""
+        if self.whole is not None or self.any_principal or len(self.parts) != 1:
+            return self
+        issuer, subject = (m.function() for m in self.parts[0])
+        return lambda p: p is not None and issuer(p[0]) and subject(p[1])
+
     def __call__(self, principal: tuple[str, str] | None) -> bool:
         if principal is None:
             return False
