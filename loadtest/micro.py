@@ -142,34 +142,55 @@ def _stages(authorizer: Authorizer, raw: bytes) -> list[tuple[str, Callable[[], 
 def _grpc(
     cases: dict[str, bytes], policies: Path, rounds: int, n: int, uvloop: bool
 ) -> dict[str, dict[str, float]]:
-    """Server CPU µs per Check through a real ``extauthz serve`` (tracing and metrics off)."""
+    """Server CPU µs per Check, interleaved rounds: ``extauthz serve`` (tracing and metrics
+    off) and ``loadtest.bare_grpc`` (the runtime alone), on asyncio and optionally uvloop."""
+    import os
+    import subprocess
+    import sys
+
+    from extauthz.devtools.envoy import free_port
+    from extauthz.devtools.mesh import wait_serving
     from loadtest import tracing_cost
 
-    configs = [tracing_cost.Config("asyncio", {"OTEL_TRACES_EXPORTER": "none"})]
-    if uvloop:
-        configs.append(tracing_cost.Config("uvloop", {"OTEL_TRACES_EXPORTER": "none"}))
+    loops = ("asyncio", "uvloop") if uvloop else ("asyncio",)
+    env = {
+        **os.environ,
+        **tracing_cost.BASE_ENV,
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",  # nothing is exported
+    }
     out: dict[str, dict[str, float]] = {}
-    servers = []
+    servers: list[tracing_cost.Server] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for i, config in enumerate(configs):
-                log = Path(tmp) / f"server-{i}.log"
-                module = "loadtest.uvloop_serve" if config.name == "uvloop" else "extauthz"
-                servers.append(
-                    tracing_cost.start(
-                        config, policies, "http://127.0.0.1:9", n, log, {}, module=module
-                    )
-                )
+            for loop in loops:
+                for what in ("extauthz serve", "bare grpc.aio"):
+                    port = free_port()
+                    if what == "bare grpc.aio":
+                        argv = ["-m", "loadtest.bare_grpc", str(port)]
+                        argv += ["--uvloop"] if loop == "uvloop" else []
+                    else:
+                        module = "loadtest.uvloop_serve" if loop == "uvloop" else "extauthz"
+                        argv = ["-m", module, "serve", "--listen", f"127.0.0.1:{port}"]
+                        argv += ["--policies", str(policies), "--reload-interval", "0"]
+                    log = Path(tmp) / f"{what}-{loop}.log"
+                    with log.open("wb") as sink:
+                        proc = subprocess.Popen(
+                            [sys.executable, *argv], stdout=sink, stderr=subprocess.STDOUT, env=env
+                        )
+                    config = tracing_cost.Config(f"{what}, {loop}", {})
+                    servers.append(tracing_cost.Server(config, port, proc, [()] * n))
+                    wait_serving(f"127.0.0.1:{port}", proc, log)
             for name, raw in cases.items():
                 samples: dict[str, list[float]] = {s.config.name: [] for s in servers}
                 for server in servers:  # warm-up
                     asyncio.run(tracing_cost.drive(server, raw, n, 16, 0.2))
                 for r in range(rounds):
                     for server in servers[r % len(servers) :] + servers[: r % len(servers)]:
-                        _, cpu = asyncio.run(tracing_cost.drive(server, raw, n, 16, 0.2))
+                        _, cpu = asyncio.run(tracing_cost.drive(server, raw, n, 16, 0.3))
                         samples[server.config.name].append(cpu)
-                for loop, values in samples.items():
-                    out[f"{name} [{loop}]"] = {
+                for variant, values in samples.items():
+                    out[f"{name} [{variant}]"] = {
                         "median_us": statistics.median(values),
                         "min_us": min(values),
                     }
@@ -238,6 +259,7 @@ def main() -> None:
         results["stages (cached token)"] = stages
         if args.grpc:
             print("\nthrough gRPC: server CPU µs per Check (16 callers, 1 channel, tracing off)")
+            print("(bare grpc.aio: a server answering constant bytes, the runtime's own cost)")
             grpc_cases = {CACHED: hit, NO_TOKEN: no_token}
             found = _grpc(grpc_cases, policies, args.rounds, args.n, args.uvloop)
             for name, value in found.items():
