@@ -204,7 +204,8 @@ class Authorizer:
             or _namespace_of(inp.destination_principal)
         )
         labels = ext.get("labels", self.settings.workload_labels)
-        if "service" not in ext and "gateway" not in ext:
+        # get(), not ``in``: a Headers view's get is the protobuf map's own, in C
+        if ext.get("service") is None and ext.get("gateway") is None:
             return namespace, labels, _NO_TARGETS
         targets = frozenset((kind, ext[key]) for key, kind in _TARGET_KINDS if ext.get(key))
         return namespace, labels, targets
