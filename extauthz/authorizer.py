@@ -380,10 +380,14 @@ class Authorizer:
         if spiffe_id:
             out.append((self.settings.spiffe_id_header, spiffe_id))
         # Strip every identity header a caller could have forged and we did not set.
-        written = {k for k, _ in out}
-        remove.extend(sorted(managed - written))
+        written = dict(out)  # names (the pairs' keys), built in C
+        forged = managed.difference(written)
+        if forged:
+            remove.extend(sorted(forged))
         # Envoy removes after it sets: a header both written and removed would be lost.
-        return tuple(out), tuple(h for h in remove if h not in written)
+        if any(h in written for h in remove):
+            remove = [h for h in remove if h not in written]
+        return tuple(out), tuple(remove)
 
 
 class _Trace:

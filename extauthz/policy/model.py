@@ -38,7 +38,6 @@ class Attributes:
     """
 
     __slots__ = (
-        "_claims",
         "_destination_ip",
         "_port",
         "_remote_ip",
@@ -65,12 +64,8 @@ class Attributes:
         self.token = token
         self._remote_ip_text = remote_ip
         self._trusted_hops = trusted_hops
+        # The lazy values start as _UNSET; set here only the one nearly every JWT rule reads.
         self._request_principal: Any = _UNSET
-        self._claims: Any = _UNSET
-        self._source_ip: Any = _UNSET
-        self._remote_ip: Any = _UNSET
-        self._destination_ip: Any = _UNSET
-        self._port: Any = _UNSET
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -90,14 +85,14 @@ class Attributes:
 
     @property
     def source_ip(self) -> IPAddress | None:
-        value = self._source_ip
+        value = getattr(self, "_source_ip", _UNSET)  # a slot never set: computed on first read
         if value is _UNSET:
             value = self._source_ip = parse_ip(self.inp.source_ip)
         return value  # type: ignore[no-any-return]
 
     @property
     def remote_ip(self) -> IPAddress | None:
-        value = self._remote_ip
+        value = getattr(self, "_remote_ip", _UNSET)  # a slot never set: computed on first read
         if value is _UNSET:
             text = self._remote_ip_text
             if text is None:
@@ -107,14 +102,14 @@ class Attributes:
 
     @property
     def destination_ip(self) -> IPAddress | None:
-        value = self._destination_ip
+        value = getattr(self, "_destination_ip", _UNSET)  # a slot never set: computed on first read
         if value is _UNSET:
             value = self._destination_ip = parse_ip(self.inp.destination_ip)
         return value  # type: ignore[no-any-return]
 
     @property
     def port(self) -> str | None:
-        value = self._port
+        value = getattr(self, "_port", _UNSET)  # a slot never set: computed on first read
         if value is _UNSET:
             port = self.inp.destination_port
             value = self._port = str(port) if port else None
