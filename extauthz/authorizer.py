@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import Settings
 from .decision import NO_CLAIMS as _NO_CLAIMS
-from .decision import Decision, Header, Outcome, new_decision_id
+from .decision import Decision, DenyResponse, Header, Outcome, new_decision_id
 from .errors import (
     ExtAuthzError,
     IdentityError,
@@ -29,7 +29,7 @@ from .identity import peer as peer_identity
 from .identity import spiffe
 from .identity.jwt import VerifiedToken
 from .identity.mint import TokenMinter, TokenSpec, request_audience, token_header
-from .policy.engine import PolicySet, WorkloadPolicies
+from .policy.engine import PolicySet, Verdict, WorkloadPolicies
 from .policy.explain import Explanation, explain_policies
 from .policy.model import Attributes, Target
 from .request import CheckInput
@@ -238,30 +238,18 @@ class Authorizer:
         if trace is not None:
             trace.attrs, trace.workload = attrs, workload
         verdict = workload.evaluate(attrs)
-        shadow = verdict.dry_run
         sid = peer.spiffe if peer is not None else None
         spiffe_id = sid.uri if sid is not None else ""
+        # What every outcome from here records besides its own answer (see _decision).
+        basis = (decision_id, verdict, spiffe_id, peer, token, policies.revision, namespace)
         if not verdict.allowed:
-            return Decision(
+            message = _DENY_MESSAGES.get(verdict.reason, "no ALLOW policy matched")
+            return _decision(
                 Outcome.PERMISSION_DENIED,
                 verdict.reason,
-                _DENY_MESSAGES.get(verdict.reason, "no ALLOW policy matched"),
-                decision_id,
-                verdict.policy,
-                verdict.rule,
-                verdict.audit,
-                shadow.allowed if shadow is not None else None,
-                shadow.policy if shadow is not None else "",
-                spiffe_id,
-                peer.principal if peer is not None else "",
-                token.issuer if token is not None else "",
-                token.subject if token is not None else "",
-                policies.revision,
+                message,
+                *basis,
                 deny_response=verdict.deny_response,
-                identity_source=peer.source if peer is not None else "",
-                namespace=namespace or "",
-                audiences=token.audiences if token is not None else (),
-                claims=token.claims if token is not None else _NO_CLAIMS,
             )
         minted: Header | None = None
         audience = ""
@@ -271,47 +259,24 @@ class Authorizer:
             except ExtAuthzError as exc:
                 # The rule allowed, but not without the token it promised the upstream.
                 refused = self.refuse(exc, decision_id)
-                return refused.replace(
-                    policy=verdict.policy,
-                    rule=verdict.rule,
-                    audit=verdict.audit,
-                    dry_run_allowed=shadow.allowed if shadow is not None else None,
-                    dry_run_policy=shadow.policy if shadow is not None else "",
-                    spiffe_id=spiffe_id,
-                    principal=peer.principal if peer is not None else "",
-                    issuer=token.issuer if token is not None else "",
-                    subject=token.subject if token is not None else "",
-                    audiences=token.audiences if token is not None else (),
-                    policy_revision=policies.revision,
-                    identity_source=peer.source if peer is not None else "",
-                    namespace=namespace or "",
-                    claims=token.claims if token is not None else _NO_CLAIMS,
+                return _decision(
+                    refused.outcome,
+                    refused.reason,
+                    refused.message,
+                    *basis,
+                    client_headers=refused.client_headers,
                 )
         upstream, remove = self._upstream_headers(
             workload, spiffe_id, token, decision_id, verdict.headers, minted
         )
-        return Decision(
+        return _decision(
             Outcome.ALLOW,
             verdict.reason,
             "allowed",
-            decision_id,
-            verdict.policy,
-            verdict.rule,
-            verdict.audit,
-            shadow.allowed if shadow is not None else None,
-            shadow.policy if shadow is not None else "",
-            spiffe_id,
-            peer.principal if peer is not None else "",
-            token.issuer if token is not None else "",
-            token.subject if token is not None else "",
-            policies.revision,
+            *basis,
             upstream,
             remove,
             token_audience=audience,
-            identity_source=peer.source if peer is not None else "",
-            namespace=namespace or "",
-            audiences=token.audiences if token is not None else (),
-            claims=token.claims if token is not None else _NO_CLAIMS,
         )
 
     def _mint(
@@ -388,6 +353,53 @@ class Authorizer:
         if any(h in written for h in remove):
             remove = [h for h in remove if h not in written]
         return tuple(out), tuple(remove)
+
+
+def _decision(
+    outcome: Outcome,
+    reason: str,
+    message: str,
+    decision_id: str,
+    verdict: Verdict,
+    spiffe_id: str,
+    peer: peer_identity.Peer | None,
+    token: VerifiedToken | None,
+    revision: str,
+    namespace: str | None,
+    upstream: tuple[Header, ...] = (),
+    remove: tuple[str, ...] = (),
+    *,
+    client_headers: tuple[Header, ...] = (),
+    deny_response: DenyResponse | None = None,
+    token_audience: str = "",
+) -> Decision:
+    """A decision reached by policy: the verdict's, the caller's and the token's fields."""
+    shadow = verdict.dry_run
+    return Decision(
+        outcome,
+        reason,
+        message,
+        decision_id,
+        verdict.policy,
+        verdict.rule,
+        verdict.audit,
+        shadow.allowed if shadow is not None else None,
+        shadow.policy if shadow is not None else "",
+        spiffe_id,
+        peer.principal if peer is not None else "",
+        token.issuer if token is not None else "",
+        token.subject if token is not None else "",
+        revision,
+        upstream,
+        remove,
+        client_headers,
+        deny_response,
+        token_audience,
+        peer.source if peer is not None else "",
+        namespace or "",
+        token.audiences if token is not None else (),
+        token.claims if token is not None else _NO_CLAIMS,
+    )
 
 
 class _Trace:

@@ -16,6 +16,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
 from .decision import Decision, Outcome
+from .wire import length_prefixed, varint
 
 DECISION_ID_HEADER = "x-extauthz-decision-id"
 
@@ -44,22 +45,9 @@ _ENCODE_ASCII = json.encoder.encode_basestring_ascii  # json.dumps' own string e
 # protobuf builds for every kind of decision. Empty strings are left out, as proto3 does.
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_LENGTHS = tuple(_varint(n) for n in range(0x4000))
-
-
 def _field(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: its tag byte, the payload's length, the payload."""
-    n = len(payload)
-    return tag + (_LENGTHS[n] if n < 0x4000 else _varint(n)) + payload
+    return tag + length_prefixed(payload)
 
 
 def _string(tag: bytes, text: str) -> bytes:
@@ -72,12 +60,12 @@ def _header_option(key: str, value: str) -> bytes:
     return _field(b"\x0a", header) + _APPEND_ACTION
 
 
-_APPEND_ACTION = b"\x18" + _varint(_OVERWRITE)
+_APPEND_ACTION = b"\x18" + varint(_OVERWRITE)
 _cached_option = lru_cache(maxsize=1024)(_header_option)  # deny headers, few and constant
 
 
 def _status(code: int, message: str) -> bytes:
-    body = (b"\x08" + _varint(code) if code else b"") + _string(b"\x12", message)
+    body = (b"\x08" + varint(code) if code else b"") + _string(b"\x12", message)
     return _field(b"\x0a", body)  # CheckResponse.status, present even when empty
 
 
@@ -131,7 +119,7 @@ def encode_check_response(decision: Decision) -> bytes:
     ]
     http_status = custom.status if custom else row.http_status
     denied = (
-        _field(b"\x0a", b"\x08" + _varint(http_status) if http_status else b"")
+        _field(b"\x0a", b"\x08" + varint(http_status) if http_status else b"")
         + b"".join(_field(b"\x12", option) for option in options)
         + _string(b"\x1a", custom.body if custom else deny_body(decision))
     )
