@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 _NO_TARGETS: frozenset[Target] = frozenset()
 # context_extensions naming what a targetRefs policy targets
 _TARGET_KINDS = (("service", "Service"), ("gateway", "Gateway"))
+_MEMO_SIZE = 4096  # remembered decisions per workload; all forgotten when full
+_MEMO_WORKLOADS = 1024
+# A remembered decision and the peer and token it was made for.
+_Seen = tuple[peer_identity.Peer | None, VerifiedToken | None, Decision]
 _DENY_MESSAGES = {"denied_by_policy": "a DENY policy matched"}  # else no ALLOW matched
 
 
@@ -52,15 +56,20 @@ class Authorizer:
         settings: Settings | None = None,
         *,
         minter: TokenMinter | None = None,
+        remember: bool = True,
     ) -> None:
         self._policies = policies
         self.settings = settings or Settings()
+        # False: every request is decided from the policies (benchmarks compare the two).
+        self.remember = remember
         # Signs the tokens ``token:`` rules ask for; None: such rules fail closed (503).
         self.minter = minter
         # Headers only extauthz may set upstream: its SPIFFE ID header, and XFCC unless it is
         # trusted (then Envoy set it). A caller's copy is removed when extauthz sets none.
         untrusted = () if self.settings.trust_xfcc else (peer_identity.XFCC_HEADER,)
         self._own_headers = frozenset({self.settings.spiffe_id_header, *untrusted})
+        # Decisions by workload (id -> the workload, its memo): see _check.
+        self._memos: dict[int, tuple[WorkloadPolicies, dict[tuple[Any, ...], _Seen]]] = {}
 
     @property
     def policies(self) -> PolicySet:
@@ -69,6 +78,7 @@ class Authorizer:
     def swap(self, policies: PolicySet) -> None:
         """Install a new compiled set; in-flight checks finish on the one they started with."""
         self._policies = policies
+        self._memos.clear()  # the old set's workloads: never asked for again
 
     def refuse(self, exc: ExtAuthzError, decision_id: str = "") -> Decision:
         """The deny for an error: 401 for identity failures, 503 when extauthz's own
@@ -229,6 +239,52 @@ class Authorizer:
             token: VerifiedToken | None = workload.verifier.assume(claims)
         else:
             token = None if _is_cors_preflight(inp) else workload.verifier.verify(inp)
+        if trace is None and claims is None and workload.memo_headers is not None and self.remember:
+            # Everything the policies read is in the key: a decision seen before is reused
+            # with a new id. The token is verified above every time (expiry, key rotation).
+            memo = self._memo(workload)
+            key = (
+                id(peer),
+                id(token),
+                inp.method,
+                inp.host,
+                inp.path,
+                *map(inp.headers.get, workload.memo_headers),
+            )
+            seen = memo.get(key)
+            # The entry holds the peer and token it was made for, so their ids stay theirs.
+            if seen is not None and seen[0] is peer and seen[1] is token:
+                return _again(seen[2], decision_id)
+            decision = self._by_policy(inp, workload, peer, token, namespace, policies, decision_id)
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[key] = (peer, token, decision)
+            return decision
+        return self._by_policy(inp, workload, peer, token, namespace, policies, decision_id, trace)
+
+    def _memo(self, workload: WorkloadPolicies) -> dict[tuple[Any, ...], _Seen]:
+        """This authorizer's remembered decisions for ``workload`` (its settings shape them)."""
+        found = self._memos.get(id(workload))
+        if found is not None and found[0] is workload:
+            return found[1]
+        if len(self._memos) >= _MEMO_WORKLOADS:
+            self._memos.clear()
+        memo: dict[tuple[Any, ...], _Seen] = {}
+        self._memos[id(workload)] = (workload, memo)
+        return memo
+
+    def _by_policy(
+        self,
+        inp: CheckInput,
+        workload: WorkloadPolicies,
+        peer: peer_identity.Peer | None,
+        token: VerifiedToken | None,
+        namespace: str | None,
+        policies: PolicySet,
+        decision_id: str,
+        trace: _Trace | None = None,
+    ) -> Decision:
+        """The decision of ``workload``'s policies once the caller is identified."""
         attrs = Attributes(
             inp,
             principal=peer.principal if peer else None,
@@ -353,6 +409,23 @@ class Authorizer:
         if any(h in written for h in remove):
             remove = [h for h in remove if h not in written]
         return tuple(out), tuple(remove)
+
+
+_ID = Decision._fields.index("decision_id")
+_UPSTREAM = Decision._fields.index("upstream_headers")
+
+
+def _again(seen: Decision, decision_id: str) -> Decision:
+    """A remembered decision under a new id (also in the upstream header that carries it)."""
+    fields = list(seen)
+    fields[_ID] = decision_id
+    upstream = seen.upstream_headers
+    if upstream:
+        entry = (DECISION_ID_HEADER, seen.decision_id)
+        fields[_UPSTREAM] = tuple(
+            (DECISION_ID_HEADER, decision_id) if h == entry else h for h in upstream
+        )
+    return Decision._make(fields)
 
 
 def _decision(

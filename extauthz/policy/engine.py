@@ -196,6 +196,9 @@ class WorkloadPolicies:
         # Every header this workload's rules may write upstream: a caller's copy never passes.
         self.identity_headers = self.verifier.output_headers | self.token_headers
         self._managed: dict[frozenset[str], frozenset[str]] = {}
+        # The request headers the rules read, if the rules read nothing but the peer, the
+        # token, the method, the host, the path and those headers; None otherwise.
+        self.memo_headers = memo_headers(authz)
 
     def managed_headers(self, own: frozenset[str]) -> frozenset[str]:
         """``identity_headers`` and the server's ``own`` ones: what only extauthz may set."""
@@ -210,6 +213,48 @@ class WorkloadPolicies:
             return verdict
         # _replace(): a field added to Verdict later cannot be dropped here.
         return verdict._replace(dry_run=self.shadow.evaluate(attrs))
+
+
+# What a rule may read for its verdict to be remembered: these functions of the peer
+# principal, the verified token, the method, the host and the path, and named headers.
+_MEMO_FIELDS = frozenset(
+    {
+        "principals",
+        "requestPrincipals",
+        "namespaces",
+        "serviceAccounts",
+        "methods",
+        "paths",
+        "hosts",
+        "source.principal",
+        "source.namespace",
+        "source.serviceAccount",
+        "request.auth.principal",
+        "request.auth.presenter",
+        "request.auth.audiences",
+    }
+)
+_HEADER_KEY = "request.headers["
+
+
+def memo_headers(authz: Iterable[AuthorizationPolicy]) -> tuple[str, ...] | None:
+    """The header names a decision of these policies reads, or None when a decision reads
+    more than the peer, the token, method, host, path and named headers (addresses, ports,
+    SNI, CEL) or a rule mints a token (a fresh one on expiry): then no decision may be reused.
+    """
+    headers: set[str] = set()
+    for policy in authz:
+        for rule in policy.rules:
+            if rule.token is not None:
+                return None
+            for clause in (*rule.sources, *rule.operations, rule.conditions):
+                for check in clause.checks:
+                    name = check.field
+                    if name.startswith(_HEADER_KEY):
+                        headers.add(name[len(_HEADER_KEY) : -1].lower())
+                    elif name not in _MEMO_FIELDS and not name.startswith("request.auth.claims"):
+                        return None
+    return tuple(sorted(headers))
 
 
 def parse_labels(text: str) -> Mapping[str, str]:
