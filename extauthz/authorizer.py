@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 _NO_TARGETS: frozenset[Target] = frozenset()
 # context_extensions naming what a targetRefs policy targets
 _TARGET_KINDS = (("service", "Service"), ("gateway", "Gateway"))
-_MEMO_SIZE = 4096  # remembered decisions per workload; all forgotten when full
-_MEMO_WORKLOADS = 1024
+_MEMO_SIZE = 8192  # remembered decisions in all (~1 KB each); all forgotten past it
 # A remembered decision and the peer and token it was made for.
 _Seen = tuple[peer_identity.Peer | None, VerifiedToken | None, Decision]
 _DENY_MESSAGES = {"denied_by_policy": "a DENY policy matched"}  # else no ALLOW matched
@@ -70,6 +69,7 @@ class Authorizer:
         self._own_headers = frozenset({self.settings.spiffe_id_header, *untrusted})
         # Decisions by workload (id -> the workload, its memo): see _check.
         self._memos: dict[int, tuple[WorkloadPolicies, dict[tuple[Any, ...], _Seen]]] = {}
+        self._remembered = 0
 
     @property
     def policies(self) -> PolicySet:
@@ -79,6 +79,7 @@ class Authorizer:
         """Install a new compiled set; in-flight checks finish on the one they started with."""
         self._policies = policies
         self._memos.clear()  # the old set's workloads: never asked for again
+        self._remembered = 0
 
     def refuse(self, exc: ExtAuthzError, decision_id: str = "") -> Decision:
         """The deny for an error: 401 for identity failures, 503 when extauthz's own
@@ -256,8 +257,11 @@ class Authorizer:
             if seen is not None and seen[0] is peer and seen[1] is token:
                 return _again(seen[2], decision_id)
             decision = self._by_policy(inp, workload, peer, token, namespace, policies, decision_id)
-            if len(memo) >= _MEMO_SIZE:
-                memo.clear()
+            self._remembered += 1
+            if self._remembered > _MEMO_SIZE:  # bounded for the process: forget them all
+                self._memos.clear()
+                self._remembered = 1
+                memo = self._memo(workload)
             memo[key] = (peer, token, decision)
             return decision
         return self._by_policy(inp, workload, peer, token, namespace, policies, decision_id, trace)
@@ -267,8 +271,6 @@ class Authorizer:
         found = self._memos.get(id(workload))
         if found is not None and found[0] is workload:
             return found[1]
-        if len(self._memos) >= _MEMO_WORKLOADS:
-            self._memos.clear()
         memo: dict[tuple[Any, ...], _Seen] = {}
         self._memos[id(workload)] = (workload, memo)
         return memo

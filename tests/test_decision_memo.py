@@ -20,6 +20,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
+from extauthz import authorizer as authorizer_module
 from extauthz.authorizer import Authorizer
 from extauthz.config import Settings
 from extauthz.decision import Outcome
@@ -183,3 +184,13 @@ def test_a_reload_forgets(tmp_path: Path) -> None:
     authorizer.swap(PolicySet.load(tmp_path))
     assert authorizer._memos == {}
     assert authorizer.check(_inp(token=token)).reason == "no_allow_policy"
+
+
+def test_remembered_decisions_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(authorizer_module, "_MEMO_SIZE", 3)
+    authorizer = _authorizer(tmp_path, ALLOW_ALICE)
+    token = _token("alice")
+    for i in range(10):
+        authorizer.check(_inp(f"/p{i}", token=token))
+        remembered = sum(len(memo) for _, memo in authorizer._memos.values())
+        assert 1 <= remembered <= 3
