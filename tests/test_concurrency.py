@@ -6,8 +6,13 @@ circuit breakers on the extauthz cluster are the limit in front of it."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
-from collections.abc import AsyncIterator
+import re
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,10 @@ from extauthz.cli import _settings, parser
 from extauthz.config import DEFAULT_MAX_CONCURRENT_CHECKS, Settings
 from extauthz.decision import Decision
 from extauthz.decisionlog.log import DecisionLog
+from extauthz.devtools.envoy import EnvoyProcess, free_port, render_sidecar
+from extauthz.devtools.mesh import SIDECAR_TEMPLATE as SIDECAR
+from extauthz.devtools.pki import write_pki
+from extauthz.devtools.upstream import EchoServer
 from extauthz.errors import ConfigError
 from extauthz.policy.engine import PolicySet
 from extauthz.request import CheckInput
@@ -240,3 +249,135 @@ def test_a_negative_limit_is_a_config_error() -> None:
         Server(
             Authorizer(PolicySet.empty()), Telemetry(None), listen="x:1", max_concurrent_checks=-1
         )
+
+
+# --- through a real Envoy ------------------------------------------------------------------
+
+ENVOY_FLOOD = 40
+ENVOY_LIMIT = 4
+
+
+@dataclass
+class Sidecar:
+    envoy: EnvoyProcess
+    upstream: EchoServer
+    port: int
+    context: ssl.SSLContext
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=30)
+        try:
+            conn.request("GET", path, headers={"host": "orders.shop"})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def stat(self, name: str) -> int:
+        text = self.envoy.admin_get(f"/stats?filter=^{re.escape(name)}$")
+        for line in text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        raise AssertionError(f"no stat {name} in {text!r}")
+
+
+@contextmanager
+def sidecar(workdir: Path, extauthz_port: int, max_requests: int | None) -> Iterator[Sidecar]:
+    """envoy/sidecar.yaml in front of an echo upstream, with time for held checks (10 s
+    instead of 0.25 s) and, with ``max_requests``, a circuit breaker on the extauthz cluster."""
+    certs = write_pki(workdir / "certs", "td", {"orders": "spiffe://td/ns/shop/sa/orders"})
+    config = render_sidecar(
+        SIDECAR,
+        listen_port=(port := free_port()),
+        admin_port=(admin := free_port()),
+        extauthz_port=extauthz_port,
+        upstream_port=(upstream := EchoServer("orders").start()).port,
+        certs={"ca": certs["ca"], "cert": certs["orders"], "key": certs["orders-key"]},
+        context_extensions={"namespace": "shop", "labels": "app=orders"},
+    )
+    for authz in _find(config, "grpc_service"):
+        if authz.get("envoy_grpc", {}).get("cluster_name") == "extauthz":
+            authz["timeout"] = "10s"
+    if max_requests is not None:
+        (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "extauthz"]
+        cluster["circuit_breakers"] = {
+            "thresholds": [{"max_requests": max_requests, "max_pending_requests": max_requests}]
+        }
+    context = ssl.create_default_context(cafile=str(certs["ca"]))
+    context.check_hostname = False
+    context.load_cert_chain(certs["orders"], certs["orders-key"])
+    envoy = EnvoyProcess(config, workdir=workdir, admin_port=admin)
+    try:
+        envoy.start()
+        yield Sidecar(envoy, upstream, port, context)
+    finally:
+        envoy.stop()
+        upstream.stop()
+
+
+def _find(node: Any, key: str) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key and isinstance(v, dict):
+                yield v
+            yield from _find(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _find(item, key)
+
+
+@pytest.mark.parametrize(
+    ("limit", "breaker"),
+    [(ENVOY_LIMIT, None), (0, ENVOY_LIMIT)],
+    ids=["extauthz-sheds", "envoy-circuit-breaker"],
+)
+async def test_a_flood_through_envoy_gets_no_allow_beyond_the_limit(
+    tmp_path: Path, limit: int, breaker: int | None
+) -> None:
+    """extauthz's limit answers Envoy with a deny (its 503 body, Envoy's ext_authz error
+    counter still 0); Envoy's circuit breaker refuses the call itself (an ext_authz error,
+    answered with status_on_error: which ``failure_mode_allow: true`` would turn into allows).
+    """
+    (tmp_path / "p.yaml").write_text(POLICY)
+    authorizer = HoldingAuthorizer(PolicySet.load(tmp_path))
+    server = Server(authorizer, Telemetry(None), listen="127.0.0.1:0", max_concurrent_checks=limit)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    try:
+        with (
+            sidecar(tmp_path / "envoy", server.port, breaker) as envoy,
+            ThreadPoolExecutor(ENVOY_FLOOD) as pool,
+        ):
+            calls = [loop.run_in_executor(pool, envoy.get, path_of(i)) for i in range(ENVOY_FLOOD)]
+            await until(
+                lambda: sum(c.done() for c in calls) == ENVOY_FLOOD - ENVOY_LIMIT,
+                "all but the limit's worth answered",
+            )
+            assert authorizer.held == ENVOY_LIMIT
+            refused_at = {i for i, c in enumerate(calls) if c.done()}
+            authorizer.release.set()
+            answers = await asyncio.gather(*calls)
+            after = [await loop.run_in_executor(pool, envoy.get, "/ok/after")]
+            errors = envoy.stat("http.inbound.ext_authz.error")
+            overflow = envoy.stat("cluster.extauthz.upstream_rq_active_overflow")
+            hits = envoy.upstream.hits
+    finally:
+        authorizer.release.set()
+        await server.stop()
+
+    allowed = 0
+    for i, (status, body) in enumerate(answers):
+        if i in refused_at:
+            assert status == 503
+            if breaker is None:
+                assert json.loads(body)["reason"] == "overloaded"
+        else:  # held, then decided by the policy
+            assert status == (200 if path_of(i).startswith("/ok/") else 403), i
+            allowed += status == 200
+    assert after[0][0] == 200
+    assert hits == allowed + 1  # only the policy's allows reached the workload
+    if breaker is None:
+        assert (errors, overflow) == (0, 0)
+    else:
+        assert errors == overflow == ENVOY_FLOOD - ENVOY_LIMIT
