@@ -29,7 +29,7 @@ from extauthz.cli import _settings, parser
 from extauthz.config import DEFAULT_MAX_CONCURRENT_CHECKS, Settings
 from extauthz.decision import Decision
 from extauthz.decisionlog.log import DecisionLog
-from extauthz.devtools.envoy import EnvoyProcess, free_port, render_sidecar
+from extauthz.devtools.envoy import EnvoyProcess, _find_key, free_port, render_sidecar
 from extauthz.devtools.mesh import SIDECAR_TEMPLATE as SIDECAR
 from extauthz.devtools.pki import write_pki
 from extauthz.devtools.upstream import EchoServer
@@ -296,7 +296,7 @@ def sidecar(workdir: Path, extauthz_port: int, max_requests: int | None) -> Iter
         certs={"ca": certs["ca"], "cert": certs["orders"], "key": certs["orders-key"]},
         context_extensions={"namespace": "shop", "labels": "app=orders"},
     )
-    for authz in _find(config, "grpc_service"):
+    for authz in _find_key(config, "grpc_service"):
         if authz.get("envoy_grpc", {}).get("cluster_name") == "extauthz":
             authz["timeout"] = "10s"
     if max_requests is not None:
@@ -314,17 +314,6 @@ def sidecar(workdir: Path, extauthz_port: int, max_requests: int | None) -> Iter
     finally:
         envoy.stop()
         upstream.stop()
-
-
-def _find(node: Any, key: str) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == key and isinstance(v, dict):
-                yield v
-            yield from _find(v, key)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _find(item, key)
 
 
 @pytest.mark.parametrize(
