@@ -18,6 +18,7 @@ from .decision import Decision, Header, Outcome, new_decision_id
 from .errors import (
     ExtAuthzError,
     IdentityError,
+    OverloadedError,
     SpiffeIdError,
     TokenError,
     TokenMintError,
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 _NO_TARGETS: frozenset[Target] = frozenset()
 # context_extensions naming what a targetRefs policy targets
 _TARGET_KINDS = (("service", "Service"), ("gateway", "Gateway"))
+# A shed Check is worth retrying soon: the load that shed it is measured in milliseconds.
+_RETRY_AFTER: tuple[Header, ...] = (("retry-after", "1"),)
 _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F)) - {"\t"}
 
 
@@ -72,12 +75,16 @@ class Authorizer:
 
     def refuse(self, exc: ExtAuthzError, decision_id: str = "") -> Decision:
         """The deny for an error: 401 for identity failures, 503 when extauthz's own
-        configuration cannot carry out the policy, 403 for everything else."""
-        identity = isinstance(exc, IdentityError)
-        if identity:
+        configuration cannot carry out the policy or it is overloaded (with ``retry-after``),
+        403 for everything else."""
+        headers: tuple[Header, ...] = ()
+        if isinstance(exc, IdentityError):
             outcome = Outcome.UNAUTHENTICATED
+            headers = (_www_authenticate(exc.reason),)
         elif isinstance(exc, UnavailableError):
             outcome = Outcome.ERROR
+            if isinstance(exc, OverloadedError):
+                headers = _RETRY_AFTER
         else:
             outcome = Outcome.PERMISSION_DENIED
         return Decision(
@@ -86,7 +93,7 @@ class Authorizer:
             exc.message,
             decision_id or new_decision_id(),
             policy_revision=self._policies.revision,
-            client_headers=(_www_authenticate(exc.reason),) if identity else (),
+            client_headers=headers,
         )
 
     def check(self, inp: CheckInput) -> Decision:

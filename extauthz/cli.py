@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__, policytest
 from .authorizer import Authorizer
-from .config import DEFAULT_LISTEN, Settings
+from .config import DEFAULT_LISTEN, DEFAULT_MAX_CONCURRENT_CHECKS, Settings
 from .decisionlog import settings as decision_log_flags
 from .decisionlog.log import DecisionLog
 from .errors import ConfigError, PolicyError, PolicySetError
@@ -111,6 +111,18 @@ def _tls_args(p: argparse.ArgumentParser) -> None:
         metavar="PEM",
         help="require client certificates signed by these CAs (mTLS from Envoy); all three "
         "files are re-read when they change, without a restart",
+    )
+
+
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-concurrent-checks",
+        type=_count,
+        default=DEFAULT_MAX_CONCURRENT_CHECKS,
+        metavar="N",
+        help="Checks decided at once; beyond N, more are answered at once with a 503 deny, "
+        f"reason 'overloaded', instead of queueing (0: no limit; default "
+        f"{DEFAULT_MAX_CONCURRENT_CHECKS})",
     )
 
 
@@ -225,6 +237,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         jwks_listen=getattr(args, "jwks_listen", None),
         decision_log=decision_log_flags.from_args(args),
         metrics_listen=getattr(args, "metrics_listen", None),
+        max_concurrent_checks=getattr(args, "max_concurrent_checks", DEFAULT_MAX_CONCURRENT_CHECKS),
     )
 
 
@@ -313,6 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         recent_decisions=settings.recent_decisions,
         jwks=jwks,
         decision_log=decision_log,
+        max_concurrent_checks=settings.max_concurrent_checks,
     )
     try:
         asyncio.run(run(server))
@@ -395,6 +409,7 @@ def parser() -> argparse.ArgumentParser:
     _admin_args(serve)
     _jwks_listen_args(serve)
     _tls_args(serve)
+    _limit_args(serve)
     decision_log_flags.add_arguments(serve)
     _metrics_args(serve)
     serve.set_defaults(func=cmd_serve)

@@ -27,6 +27,7 @@ import yaml
 __all__ = [
     "EnvoyProcess",
     "dump_config",
+    "extauthz_tls_socket",
     "find_envoy",
     "free_port",
     "load_config",
@@ -96,6 +97,7 @@ def render_sidecar(
     context_extensions: Mapping[str, str] | None = None,
     collector_port: int | None = None,
     service_name: str | None = None,
+    extauthz_tls: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Adapt the sidecar template to a local run: loopback everywhere, given ports and certs.
 
@@ -104,6 +106,8 @@ def render_sidecar(
     Envoy reaches extauthz. ``context_extensions`` replaces those sent with every check.
     ``collector_port`` is the OTLP/gRPC collector Envoy's tracer exports to (default: the
     template's), ``service_name`` the service its spans are from.
+    ``extauthz_tls`` makes Envoy reach extauthz over TLS (:func:`extauthz_tls_socket`): keys
+    ``ca`` and ``san``, with ``cert`` and ``key`` for mTLS.
     """
     if (extauthz_port is None) == (extauthz_unix is None):
         raise ValueError("pass exactly one of extauthz_port and extauthz_unix")
@@ -133,6 +137,10 @@ def render_sidecar(
     _endpoint(config, "upstream", template)["address"]["socket_address"]["port_value"] = (
         upstream_port
     )
+    if extauthz_tls is not None:
+        _named(config, "clusters", "extauthz", template)["transport_socket"] = extauthz_tls_socket(
+            **extauthz_tls
+        )
 
     if collector_port is not None:
         _endpoint(config, _COLLECTOR, template)["address"]["socket_address"]["port_value"] = (
@@ -160,6 +168,37 @@ def render_sidecar(
         for s in settings:
             s["context_extensions"] = dict(context_extensions)
     return config
+
+
+def extauthz_tls_socket(
+    *, ca: Path, san: str, cert: Path | None = None, key: Path | None = None
+) -> dict[str, Any]:
+    """The ``extauthz`` cluster's transport socket for TLS to extauthz (the block in
+    docs/envoy.md): HTTP/2 by ALPN, extauthz's certificate checked against ``ca`` with the
+    DNS SAN ``san``, and with ``cert``/``key`` Envoy's client certificate (mTLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("extauthz_tls: cert and key go together")
+    common: dict[str, Any] = {"alpn_protocols": ["h2"]}  # gRPC servers refuse TLS without h2
+    if cert is not None and key is not None:
+        common["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": str(Path(cert).absolute())},
+                "private_key": {"filename": str(Path(key).absolute())},
+            }
+        ]
+    common["validation_context"] = {
+        "trusted_ca": {"filename": str(Path(ca).absolute())},
+        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": san}}],
+    }
+    return {
+        "name": _TLS_SOCKET,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+            ".UpstreamTlsContext",
+            "sni": san,
+            "common_tls_context": common,
+        },
+    }
 
 
 def render_front_proxy(
