@@ -49,8 +49,8 @@ def _load(outdir: Path) -> dict[str, Any]:
 
 
 def _problems(project: dict[str, Any], dockerfile: str | None = None) -> list[str]:
-    df = composecheck.Dockerfile.parse(dockerfile or DOCKERFILE.read_text())
-    return composecheck.Checker(project, project_dir=REPO, dockerfile=df).run()
+    text = DOCKERFILE.read_text() if dockerfile is None else dockerfile
+    return composecheck.problems(project, project_dir=REPO, dockerfile=text)
 
 
 def test_compose_file_hangs_together(generated: compose.Generated) -> None:
@@ -413,6 +413,21 @@ def test_generator_main_prints_the_published_ports(
     assert f"https://localhost:{orders}/orders/42" in out
     assert f"export {compose.DIR_VARIABLE}={tmp_path}" in out
     assert (tmp_path / "envoy" / "orders.yaml").is_file()
+
+
+def test_generator_main_refuses_files_the_compose_file_does_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("0.0.0.0:9191", "0.0.0.0:9192"))
+    assert compose.main([str(tmp_path / "out"), "--compose-file", str(broken)]) == 1
+    assert "dials extauthz:9191, but nothing in extauthz listens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["127.0.0.1:8444:8443", "127.0.0.1:8444:8443/tcp", "8444:8443"])
+def test_published_port(entry: str) -> None:
+    project = {"services": {"orders": {"ports": [entry]}}}
+    assert compose.published_port(project, "orders", 8443) == 8444
 
 
 def test_outbound_cluster_verifies_the_peer_spiffe_id() -> None:

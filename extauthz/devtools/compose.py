@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .composecheck import interpolate, problems
 from .envoy import dump_config, render_sidecar
 from .idp import DevIdP
 from .mesh import ISSUER, JWKS_FILE, NAMESPACE, REPO, SIDECAR_TEMPLATE, TRUST_DOMAIN
@@ -283,7 +284,7 @@ def collector_config() -> dict[str, Any]:
 def published_port(compose: Mapping[str, Any], service: str, container_port: int) -> int:
     """The host port ``docker-compose.yml`` publishes ``service``'s ``container_port`` on."""
     for entry in compose["services"][service].get("ports", []):
-        parts = str(entry).split(":")
+        parts = str(entry).split("/")[0].split(":")  # [IP:]HOST:CONTAINER[/PROTO]
         if len(parts) >= 2 and int(parts[-1]) == container_port:
             return int(parts[-2])
     raise ValueError(f"{service} does not publish port {container_port}")
@@ -317,10 +318,21 @@ Decisions: docker compose logs -f {EXTAUTHZ_SERVICE}      Traces: http://127.0.0
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m extauthz.devtools.compose", description=__doc__)
     ap.add_argument("outdir", type=Path, nargs="?", default=DEFAULT_OUTDIR)
+    ap.add_argument(
+        "--compose-file", type=Path, default=COMPOSE_FILE, help="checked against the output"
+    )
     args = ap.parse_args(argv)
     gen = generate(args.outdir)
-    compose = yaml.safe_load(COMPOSE_FILE.read_text())
-    print(instructions(gen, compose))
+    raw = yaml.safe_load(args.compose_file.read_text())
+    # What `docker compose` would see with these files: refuse to hand over a broken mesh.
+    project = interpolate(raw, {DIR_VARIABLE: str(args.outdir.absolute())})
+    dockerfile = (REPO / "Dockerfile").read_text()
+    if found := problems(project, project_dir=REPO, dockerfile=dockerfile):
+        print(f"{args.compose_file} does not fit the generated files:", file=sys.stderr)
+        for problem in found:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(instructions(gen, raw))
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import ipaddress
 import json
 import re
 import shlex
@@ -28,6 +27,7 @@ import yaml
 
 from .. import cli
 from . import upstream
+from .envoy import _is_ip
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 ANY = frozenset({"0.0.0.0", "::", ""})
@@ -420,9 +420,9 @@ class Checker:
             )
 
 
-def problems(compose: Mapping[str, Any], *, project_dir: Path, dockerfile: Path) -> list[str]:
-    """Everything wrong with an interpolated compose file; empty when it hangs together."""
-    df = Dockerfile.parse(dockerfile.read_text())
+def problems(compose: Mapping[str, Any], *, project_dir: Path, dockerfile: str) -> list[str]:
+    """Everything wrong with an interpolated compose file and the Dockerfile's text."""
+    df = Dockerfile.parse(dockerfile)
     return Checker(compose, project_dir=project_dir, dockerfile=df).run()
 
 
@@ -458,14 +458,6 @@ def _endpoint_host_port(endpoint: str) -> tuple[str, int]:
         url = urlsplit(endpoint)
         return url.hostname or "", url.port or 0
     return _host_port(endpoint)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _find_dicts(node: Any, key: str) -> Iterator[dict[str, Any]]:
