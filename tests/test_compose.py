@@ -10,6 +10,7 @@ extauthz container answer as in the local demo for each sidecar's ``context_exte
 from __future__ import annotations
 
 import copy
+import http.client
 import json
 import shutil
 import signal
@@ -18,6 +19,7 @@ import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extauthz import cli, healthcheck
 from extauthz.devtools import compose, composecheck
 from extauthz.devtools.envoy import dump_config, free_port, validate
+from extauthz.devtools.mesh import Mesh
 from extauthz.server import AUTHORIZATION_SERVICE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -622,3 +625,79 @@ def test_render_sidecar_listen_address(kwargs: dict[str, Any], address: str) -> 
         if lsn["name"] == "inbound"
     ]
     assert inbound["address"]["socket_address"]["address"] == address
+
+
+# --- the outbound listener, live on 127.0.0.1 ------------------------------------------
+
+
+@dataclass
+class Outbound:
+    mesh: Mesh
+    port: int
+
+
+@pytest.fixture(scope="module")
+def outbound(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outbound]:
+    """frontend's sidecar with only its outbound in use, in front of the demo's orders.
+
+    ``payments`` is deliberately pointed at orders' sidecar: the SAN check must refuse it.
+    """
+    from extauthz.devtools.envoy import EnvoyProcess, render_sidecar
+
+    workdir = tmp_path_factory.mktemp("outbound")
+    with Mesh(workdir, workloads=("orders",), clients=("frontend",)) as mesh:
+        certs = {
+            "ca": workdir / "certs" / "ca.pem",
+            "cert": workdir / "certs" / "frontend.pem",
+            "key": workdir / "certs" / "frontend-key.pem",
+        }
+        admin, port = free_port(), free_port()
+        config = render_sidecar(
+            compose.SIDECAR_TEMPLATE,
+            listen_port=free_port(),
+            admin_port=admin,
+            extauthz_port=mesh.extauthz_port,
+            upstream_port=free_port(),
+            certs=certs,
+        )
+        orders = ("127.0.0.1", mesh.services["orders"].port)
+        compose.add_outbound(
+            config, peers={"orders": orders, "payments": orders}, certs=certs, port=port
+        )
+        with EnvoyProcess(config, workdir=workdir, admin_port=admin):
+            yield Outbound(mesh, port)
+
+
+@pytest.mark.parametrize(
+    ("host", "with_token", "status"),
+    [
+        ("orders.shop", True, 200),
+        ("orders", True, 200),
+        ("orders.shop:15001", True, 200),
+        ("orders.shop", False, 403),  # orders' inbound ext_authz still decides
+        ("payments.shop", True, 503),  # the server is not payments: handshake refused
+        ("intruder.shop", True, 404),  # no route
+    ],
+)
+def test_outbound_originates_mtls_with_the_workload_svid(
+    outbound: Outbound, host: str, with_token: bool, status: int
+) -> None:
+    upstream = outbound.mesh.services["orders"].upstream
+    assert upstream is not None
+    before = upstream.hits
+    headers = {"host": host}
+    if with_token:
+        headers["authorization"] = "Bearer " + outbound.mesh.idp.token("alice", audience="shop")
+    conn = http.client.HTTPConnection("127.0.0.1", outbound.port, timeout=5)
+    try:
+        conn.request("GET", "/orders/42", headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == status, body
+    assert upstream.hits == before + (status == 200)
+    if status == 200:
+        seen = json.loads(body)
+        assert seen["service"] == "orders"
+        assert seen["headers"]["x-extauthz-spiffe-id"] == compose.spiffe_id("frontend")

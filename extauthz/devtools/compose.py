@@ -131,7 +131,8 @@ def sidecar_config(name: str) -> dict[str, Any]:
         listen_address="0.0.0.0",
         hosts={"extauthz": EXTAUTHZ_SERVICE, "otel_collector": COLLECTOR_SERVICE},
     )
-    add_outbound(config, peers=[w for w in WORKLOADS if w != name], certs=certs)
+    peers = {w: (w, INBOUND_PORT) for w in WORKLOADS if w != name}
+    add_outbound(config, peers=peers, certs=certs)
     return config
 
 
@@ -140,13 +141,18 @@ CONTAINER_CERTS = {"ca": "ca.pem", "cert": "workload.pem", "key": "workload-key.
 
 
 def add_outbound(
-    config: dict[str, Any], *, peers: Sequence[str], certs: Mapping[str, Path]
+    config: dict[str, Any],
+    *,
+    peers: Mapping[str, tuple[str, int]],
+    certs: Mapping[str, Path],
+    port: int = OUTBOUND_PORT,
 ) -> None:
     """Add the ``outbound`` listener and one mTLS cluster per peer workload to ``config``.
 
-    The workload sends plain HTTP to 127.0.0.1:15001 with ``Host: <peer>.shop``; Envoy
-    dials ``<peer>:8443`` presenting this workload's SVID and accepts only a server whose
-    URI SAN is the peer's SPIFFE ID. Spans use the inbound listener's tracer settings.
+    The workload sends plain HTTP to 127.0.0.1:``port`` with ``Host: <peer>.shop``; Envoy
+    dials the peer's sidecar at ``peers[peer]`` (host, port) presenting this workload's
+    SVID, and accepts only a server whose URI SAN is the peer's SPIFFE ID. Spans use the
+    inbound listener's tracer settings.
     """
     resources = config["static_resources"]
     inbound = next(lsn for lsn in resources["listeners"] if lsn["name"] == "inbound")
@@ -167,7 +173,7 @@ def add_outbound(
     resources["listeners"].append(
         {
             "name": "outbound",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": OUTBOUND_PORT}},
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
             "traffic_direction": "OUTBOUND",
             "filter_chains": [
                 {
@@ -197,11 +203,12 @@ def add_outbound(
             ],
         }
     )
-    for peer in peers:
-        resources["clusters"].append(_peer_cluster(peer, certs))
+    for peer, address in peers.items():
+        resources["clusters"].append(_peer_cluster(peer, address, certs))
 
 
-def _peer_cluster(peer: str, certs: Mapping[str, Path]) -> dict[str, Any]:
+def _peer_cluster(peer: str, address: tuple[str, int], certs: Mapping[str, Path]) -> dict[str, Any]:
+    host, port = address
     return {
         "name": f"to_{peer}",
         "type": "STRICT_DNS",
@@ -213,9 +220,7 @@ def _peer_cluster(peer: str, certs: Mapping[str, Path]) -> dict[str, Any]:
                     "lb_endpoints": [
                         {
                             "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": peer, "port_value": INBOUND_PORT}
-                                }
+                                "address": {"socket_address": {"address": host, "port_value": port}}
                             }
                         }
                     ]
