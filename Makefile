@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install check test demo lint-policies clean protos fuzz soak
+.PHONY: install check test demo compose lint-policies clean protos fuzz soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: check
 
 demo: install
 	$(BIN)/extauthz demo
+
+# The demo mesh in containers: generate what docker-compose.yml mounts (certificates, IdP
+# keys, sidecar and collector configs) with the demo's code, then `docker compose up --build`.
+compose: install
+	$(BIN)/python -m extauthz.devtools.compose .demo/compose
 
 # 10 minutes at a fixed rate past every cache bound: RSS and open files at start and end.
 soak: install

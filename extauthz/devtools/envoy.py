@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import http.client
+import ipaddress
 import os
 import shutil
 import signal
@@ -98,6 +99,8 @@ def render_sidecar(
     collector_port: int | None = None,
     service_name: str | None = None,
     extauthz_tls: Mapping[str, Any] | None = None,
+    listen_address: str = "127.0.0.1",
+    hosts: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Adapt the sidecar template to a local run: loopback everywhere, given ports and certs.
 
@@ -108,9 +111,16 @@ def render_sidecar(
     template's), ``service_name`` the service its spans are from.
     ``extauthz_tls`` makes Envoy reach extauthz over TLS (:func:`extauthz_tls_socket`): keys
     ``ca`` and ``san``, with ``cert`` and ``key`` for mTLS.
+
+    For containers (``extauthz.devtools.compose``): ``listen_address`` is where the inbound
+    listener binds, and ``hosts`` maps a cluster name (``extauthz``, ``otel_collector``,
+    ``upstream``) to the host name its endpoint dials instead of 127.0.0.1; such a cluster
+    becomes ``STRICT_DNS``, since a ``STATIC`` cluster takes only IP addresses.
     """
     if (extauthz_port is None) == (extauthz_unix is None):
         raise ValueError("pass exactly one of extauthz_port and extauthz_unix")
+    if hosts and extauthz_unix is not None and "extauthz" in hosts:
+        raise ValueError("hosts['extauthz'] names a TCP host, but extauthz_unix was given")
     if missing := {"ca", "cert", "key"} - certs.keys():
         raise ValueError(f"certs is missing {sorted(missing)}")
 
@@ -124,6 +134,7 @@ def render_sidecar(
         raise ValueError(f"{template}: no admin.address.socket_address") from None
 
     listener = _named(config, "listeners", "inbound", template)
+    listener["address"]["socket_address"]["address"] = listen_address
     listener["address"]["socket_address"]["port_value"] = listen_port
     _set_tls_files(listener, certs, template, "inbound")
 
@@ -167,6 +178,11 @@ def render_sidecar(
             raise ValueError(f"{template}: no ext_authz typed_per_filter_config on 'inbound'")
         for s in settings:
             s["context_extensions"] = dict(context_extensions)
+
+    for cluster, host in (hosts or {}).items():
+        _endpoint(config, cluster, template)["address"]["socket_address"]["address"] = host
+        if not _is_ip(host):
+            _named(config, "clusters", cluster, template)["type"] = "STRICT_DNS"
     return config
 
 
@@ -472,6 +488,14 @@ def _set_tls_files(
             tls_cert["private_key"] = {"filename": key}
         ctx["tls_certificates"] = tls_certificates
         ctx.setdefault("validation_context", {})["trusted_ca"] = {"filename": ca}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_unix_path(path: str) -> None:
