@@ -22,17 +22,18 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from . import devcli
 from .envoy import EnvoyProcess, free_port, render_sidecar
 from .idp import DevIdP
-from .pki import DevCA, write_pki
+from .pki import DevCA
 from .upstream import EchoServer
 
 REPO = Path(__file__).resolve().parents[2]
 SIDECAR_TEMPLATE = REPO / "envoy" / "sidecar.yaml"
 EXAMPLE_POLICIES = REPO / "policies"
-TRUST_DOMAIN = "demo.local"
-NAMESPACE = "shop"
-ISSUER = "https://idp.demo.local"
+TRUST_DOMAIN = devcli.DEFAULT_TRUST_DOMAIN
+NAMESPACE = devcli.DEFAULT_NAMESPACE
+ISSUER = devcli.DEFAULT_ISSUER
 JWKS_FILE = "demo-idp.jwks.json"
 
 
@@ -70,13 +71,17 @@ class Mesh:
     # metrics; None: extauthz exports nothing, the sidecars try the template's port.
     collector_port: int | None = None
     idp: DevIdP = field(default_factory=lambda: DevIdP.create(ISSUER))
+    # Sidecar listen ports by workload name; a workload left out gets a free port.
+    ports: Mapping[str, int] = field(default_factory=dict)
+    # Files added to the copy of ``policies`` before extauthz starts: relative path -> YAML.
+    extra_policies: Mapping[str, str] = field(default_factory=dict)
     services: dict[str, Workload] = field(default_factory=dict)
     extauthz_port: int = 0
     _extauthz: subprocess.Popen[bytes] | None = None
     _certs: dict[str, Path] = field(default_factory=dict)
 
     def spiffe_id(self, name: str) -> str:
-        return f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{name}"
+        return devcli.spiffe_id(TRUST_DOMAIN, NAMESPACE, name)
 
     @property
     def policy_dir(self) -> Path:
@@ -96,11 +101,12 @@ class Mesh:
 
     def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        names = [*self.workloads, *self.clients]
-        self._certs = write_pki(
+        # The code path of `extauthz certs`: what the README shows is what runs here.
+        self._certs = devcli.write_svids(
             self.workdir / "certs",
-            TRUST_DOMAIN,
-            {n: self.spiffe_id(n) for n in names},
+            [*self.workloads, *self.clients],
+            domain=TRUST_DOMAIN,
+            namespace=NAMESPACE,
             dns_names=["localhost"],
         )
         # A caller whose certificate chains to another CA: Envoy must refuse the handshake.
@@ -110,7 +116,11 @@ class Mesh:
         if self.policy_dir.exists():
             shutil.rmtree(self.policy_dir)
         shutil.copytree(self.policies, self.policy_dir)
-        (self.policy_dir / JWKS_FILE).write_text(self.idp.jwks())
+        devcli.write_jwks(self.idp, self.policy_dir / JWKS_FILE)
+        for relative, text in self.extra_policies.items():
+            path = self.policy_dir / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
         self.start_extauthz()
         for name in self.workloads:
             self._start_workload(name)
@@ -162,7 +172,7 @@ class Mesh:
 
     def _start_workload(self, name: str) -> None:
         upstream = EchoServer(name).start()
-        port, admin = free_port(), free_port()
+        port, admin = self.ports.get(name) or free_port(), free_port()
         config = render_sidecar(
             SIDECAR_TEMPLATE,
             listen_port=port,
