@@ -23,7 +23,7 @@ import pytest
 
 from extauthz.devtools import devcli
 from extauthz.devtools.collector import Collector
-from extauthz.devtools.demo import SCENARIO, DecisionLog, Player, SpanFile, evidence
+from extauthz.devtools.demo import SCENARIO, DecisionLogReader, Player, SpanFile, evidence
 from extauthz.devtools.mesh import Mesh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_a_misbehaving_mesh_is_reported(tmp_path: Path) -> None:
     with Mesh(
         tmp_path / "mesh", policies=empty, workloads=("frontend", "orders", "payments")
     ) as mesh:
-        log = DecisionLog(tmp_path / "none.jsonl")
+        log = DecisionLogReader(tmp_path / "none.jsonl")
         player = Player(mesh, log, out=lines.append, evidence_timeout=0.2, reload_timeout=2)
         failures = player.play()
         with Collector() as collector:
@@ -135,9 +135,8 @@ def _reader(proc: subprocess.Popen[str], lines: queue.Queue[str], keep: list[str
         lines.put(line)
 
 
-@pytest.fixture(scope="module")
-def running_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
-    workdir = tmp_path_factory.mktemp("demo")
+def start_demo(workdir: Path, until: str) -> RunningDemo:
+    """Start ``extauthz demo`` (not --once) and wait for a line containing ``until``."""
     base = free_base_port()
     proc = subprocess.Popen(
         demo_argv(workdir, base),
@@ -155,15 +154,25 @@ def running_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDe
             try:
                 line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError("no 'Press Ctrl-C' line:\n" + "".join(output)) from None
-            if "Press Ctrl-C" in line:
-                break
+                raise AssertionError(f"no {until!r} line:\n" + "".join(output)) from None
+            if until in line:
+                return RunningDemo(proc, workdir, base, output)
             assert proc.poll() is None, "".join(output)
-        yield RunningDemo(proc, workdir, base, output)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@pytest.fixture(scope="module")
+def running_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
+    demo = start_demo(tmp_path_factory.mktemp("demo"), "Press Ctrl-C")
+    try:
+        yield demo
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if demo.proc.poll() is None:
+            demo.proc.kill()
+            demo.proc.wait()
 
 
 @dataclass(frozen=True)
@@ -261,6 +270,18 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def assert_all_stopped(started: set[int], demo: RunningDemo) -> None:
+    deadline = time.monotonic() + 10
+    while (left := {p for p in started if _alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"still running after the demo stopped: {left}"
+    for port in range(demo.base, demo.base + 4):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
+            s.bind(("127.0.0.1", port))  # nothing listens any more
+            s.listen()
+
+
 def test_ctrl_c_stops_everything(running_demo: RunningDemo) -> None:
     proc = running_demo.proc
     started = _descendants(proc.pid)
@@ -269,12 +290,14 @@ def test_ctrl_c_stops_everything(running_demo: RunningDemo) -> None:
     assert len(started) >= 4, names  # and extauthz
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0, "".join(running_demo.output)
-    deadline = time.monotonic() + 10
-    while (left := {p for p in started if _alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left, f"still running after Ctrl-C: {left}"
-    for port in range(running_demo.base, running_demo.base + 4):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
-            s.bind(("127.0.0.1", port))  # nothing listens any more
-            s.listen()
+    assert_all_stopped(started, running_demo)
+
+
+def test_sigterm_mid_scenario_stops_everything(tmp_path: Path) -> None:
+    demo = start_demo(tmp_path, "Scenario")  # the mesh is up, the steps are being played
+    started = _descendants(demo.proc.pid)
+    assert len(started) >= 4
+    demo.proc.terminate()
+    assert demo.proc.wait(timeout=30) == 130, "".join(demo.output)
+    assert "Stopped." in "".join(demo.output)
+    assert_all_stopped(started, demo)

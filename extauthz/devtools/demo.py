@@ -121,7 +121,10 @@ def _no_token(mesh: Mesh) -> None:
 def _suspend_alice(policies: Path) -> None:
     path = policies / HOT_RELOAD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(HOT_RELOAD_POLICY)
+    # Whole or not at all: a poll must not read half a file (hidden files are not loaded).
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(HOT_RELOAD_POLICY)
+    partial.replace(path)
 
 
 def _restore(policies: Path) -> None:
@@ -259,7 +262,7 @@ class Answer:
         return "allowed" if self.status == 200 else f"denied {self.status} {self.reason}"
 
 
-class DecisionLog:
+class DecisionLogReader:
     """Reads extauthz's ``--decision-log`` file back by decision id (written off the request
     path, so a record may land a moment after the answer)."""
 
@@ -379,7 +382,7 @@ class Player:
     """Plays the scenario against a running mesh and keeps every decision id it saw."""
 
     mesh: Mesh
-    log: DecisionLog
+    log: DecisionLogReader
     out: Callable[[str], None] = print
     evidence_timeout: float = EVIDENCE_BOUND
     reload_timeout: float = RELOAD_BOUND
@@ -449,7 +452,7 @@ def _dry_run(record: Mapping[str, Any] | None) -> tuple[str, str]:
 
 def evidence(
     player: Player,
-    log: DecisionLog,
+    log: DecisionLogReader,
     spans: SpanFile,
     shown: Path,
     *,
@@ -528,6 +531,8 @@ def _sink(path: Path) -> Iterator[SpanFile]:
 
 
 def main(*, once: bool, workdir: Path, base_port: int = devcli.DEMO_BASE_PORT) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the with-blocks stop every process started here.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     ports = {name: base_port + i for i, name in enumerate(WORKLOADS, 1)}
     _check_ports({"extauthz": base_port, **{f"{n} sidecar": p for n, p in ports.items()}})
     root = workdir.resolve()
@@ -565,7 +570,7 @@ def main(*, once: bool, workdir: Path, base_port: int = devcli.DEMO_BASE_PORT) -
 
 
 def _run(mesh: Mesh, spans: SpanFile, *, once: bool, shown: Path) -> int:
-    log = DecisionLog(mesh.workdir / "decisions.jsonl")
+    log = DecisionLogReader(mesh.workdir / "decisions.jsonl")
     print(
         f"\nScenario (SPIFFE identity from mTLS, JWT from the demo IdP, Istio policies in "
         f"{shown / 'policies'}, namespace {NAMESPACE}):"
