@@ -583,10 +583,11 @@ def _run(mesh: Mesh, spans: SpanFile, *, once: bool, shown: Path) -> int:
     if once:
         return 1 if bad else 0
     (mesh.workdir / "alice.jwt").write_text(devcli.sign(mesh.idp, subject="alice") + "\n")
-    print(instructions(mesh, shown), flush=True)
     stop = threading.Event()
+    # Before "Press Ctrl-C" is printed: from then on Ctrl-C is the normal way out (exit 0).
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(instructions(mesh, shown), flush=True)
     stop.wait()
     print("\nStopping...")
     return 1 if bad else 0
