@@ -1,4 +1,5 @@
-"""``extauthz`` command line: ``serve``, ``check``, ``policy lint|test``, ``demo``."""
+"""``extauthz`` command line: ``serve``, ``check``, ``policy lint|test``; development only:
+``demo``, ``certs``, ``token``."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__, policytest
 from .authorizer import Authorizer
 from .config import DEFAULT_LISTEN, DEFAULT_MAX_CONCURRENT_CHECKS, Settings
 from .decisionlog import settings as decision_log_flags
 from .decisionlog.log import DecisionLog
+from .devtools import devcli
 from .errors import ConfigError, PolicyError, PolicySetError
 from .identity.jwks import FetchSettings, KeySetRegistry
 from .identity.mint import DEFAULT_ISSUER, TokenMinter, load_signing_key
@@ -396,7 +399,89 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .devtools.demo import main as demo_main
 
-    return demo_main(once=args.once, workdir=args.workdir)
+    return demo_main(once=args.once, workdir=args.workdir, base_port=args.base_port)
+
+
+def _dev_arg(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A devcli validator as an argparse type: its ValueError text becomes the message."""
+
+    def checked(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    checked.__name__ = convert.__name__
+    return checked
+
+
+def _dev_banner(command: str) -> None:
+    print(devcli.BANNER.format(command=command), file=sys.stderr)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    _dev_banner("certs")
+    try:
+        paths = devcli.write_svids(
+            args.out,
+            args.names,
+            domain=args.trust_domain,
+            namespace=args.namespace,
+            dns_names=args.dns if args.dns is not None else ["localhost"],
+        )
+    except ValueError as exc:  # names that collide as files ("ca", "x" with "x-key")
+        print(f"extauthz certs: error: argument NAME: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"extauthz certs: error: argument --out: {args.out}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"CA      {paths['ca']}  (its key is not kept: nothing can issue more from disk)")
+    for name in args.names:
+        sid = devcli.spiffe_id(args.trust_domain, args.namespace, name)
+        print(f"SVID    {paths[name]}  {paths[name + '-key']}  {sid}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    _dev_banner("token")
+    if not args.issuer:
+        print("extauthz token: error: argument --issuer: must not be empty", file=sys.stderr)
+        return 2
+    try:
+        if args.new_key:
+            devcli.create_signing_key(args.key)
+        idp = devcli.load_idp(args.key, args.issuer)
+    except ConfigError as exc:
+        hint = "" if args.new_key or args.key.exists() else " (create one with --new-key)"
+        print(f"extauthz token: error: argument --key: {exc.message}{hint}", file=sys.stderr)
+        return 2
+    if args.jwks is not None:
+        try:
+            devcli.write_jwks(idp, args.jwks)
+        except OSError as exc:
+            print(
+                f"extauthz token: error: argument --jwks: {args.jwks}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 2
+    print(
+        devcli.sign(
+            idp,
+            subject=args.subject,
+            audiences=args.audience if args.audience is not None else [devcli.DEFAULT_AUDIENCE],
+            ttl=args.ttl,
+            claims=dict(args.claim),
+        )
+    )
+    return 0
+
+
+def _base_port(text: str) -> int:
+    what = "a port 1-65532 (the demo takes it and the next three)"
+    value = int(_number(text, int, 1, what))
+    if value > 65532:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -437,9 +522,105 @@ def parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     demo = sub.add_parser("demo", help="run the local demo mesh (development only)")
     demo.add_argument("--once", action="store_true", help="play the scenario once and exit")
-    demo.add_argument("--workdir", type=Path, default=Path(".demo"))
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".demo"),
+        help="certificates, tokens, policies, decision log and spans go here (default: .demo)",
+    )
+    demo.add_argument(
+        "--base-port",
+        type=_base_port,
+        default=devcli.DEMO_BASE_PORT,
+        metavar="PORT",
+        help=f"extauthz listens on PORT, the frontend, orders and payments sidecars on the "
+        f"next three (default: {devcli.DEMO_BASE_PORT})",
+    )
     demo.set_defaults(func=cmd_demo)
+    _dev_parsers(sub)
     return ap
+
+
+def _dev_parsers(sub: Any) -> None:
+    certs = sub.add_parser(
+        "certs",
+        help="DEVELOPMENT ONLY: write a throwaway CA and SPIFFE X.509-SVIDs",
+        description="DEVELOPMENT ONLY. Writes a fresh self-signed CA (ca.pem; its key is "
+        "discarded) and, per NAME, NAME.pem and NAME-key.pem (mode 0600): an X.509-SVID "
+        "for spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/NAME, valid for a day.",
+    )
+    certs.add_argument(
+        "names",
+        nargs="+",
+        metavar="NAME",
+        type=_dev_arg(devcli.path_segment),
+        help="workload (service account) names",
+    )
+    certs.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    certs.add_argument(
+        "--trust-domain",
+        type=_dev_arg(devcli.trust_domain),
+        default=devcli.DEFAULT_TRUST_DOMAIN,
+        help=f"SPIFFE trust domain (default: {devcli.DEFAULT_TRUST_DOMAIN})",
+    )
+    certs.add_argument(
+        "--namespace",
+        type=_dev_arg(devcli.path_segment),
+        default=devcli.DEFAULT_NAMESPACE,
+        help=f"namespace in the SPIFFE IDs (default: {devcli.DEFAULT_NAMESPACE})",
+    )
+    certs.add_argument(
+        "--dns",
+        action="append",
+        metavar="NAME",
+        help="a DNS SAN for every SVID, repeatable (default: localhost, so curl can verify "
+        "a sidecar on 127.0.0.1)",
+    )
+    certs.set_defaults(func=cmd_certs)
+
+    token = sub.add_parser(
+        "token",
+        help="DEVELOPMENT ONLY: sign a JWT with chosen claims",
+        description="DEVELOPMENT ONLY. Prints an ES256 JWT signed with --key (EC P-256 PEM). "
+        "--new-key creates the key, --jwks writes its public JWKS for a RequestAuthentication "
+        "(jwksUri: FILE or jwks:). The kid is the key's RFC 7638 thumbprint.",
+    )
+    token.add_argument("--key", type=Path, required=True, metavar="PEM", help="signing key")
+    token.add_argument(
+        "--new-key", action="store_true", help="create --key first (never replaces a file)"
+    )
+    token.add_argument("--jwks", type=Path, metavar="FILE", help="write --key's public JWKS here")
+    token.add_argument(
+        "--issuer",
+        default=devcli.DEFAULT_ISSUER,
+        help=f"iss (default: {devcli.DEFAULT_ISSUER}, the demo's)",
+    )
+    token.add_argument(
+        "--audience",
+        action="append",
+        metavar="AUD",
+        help=f"aud, repeatable (default: {devcli.DEFAULT_AUDIENCE})",
+    )
+    token.add_argument(
+        "--subject", default=devcli.DEFAULT_SUBJECT, help=f"sub (default: {devcli.DEFAULT_SUBJECT})"
+    )
+    token.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        type=_dev_arg(devcli.parse_claim),
+        metavar="KEY=VALUE",
+        help='another claim, repeatable; VALUE is JSON when it parses (roles=["admin"], '
+        "level=3), else a string",
+    )
+    token.add_argument(
+        "--ttl",
+        type=_dev_arg(devcli.ttl),
+        default=devcli.DEFAULT_TTL,
+        metavar="S",
+        help=f"seconds until exp; negative: an expired token (default: {devcli.DEFAULT_TTL:g})",
+    )
+    token.set_defaults(func=cmd_token)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,17 +22,18 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from . import devcli
 from .envoy import EnvoyProcess, free_port, render_sidecar
 from .idp import DevIdP
-from .pki import DevCA, write_pki
+from .pki import DevCA
 from .upstream import EchoServer
 
 REPO = Path(__file__).resolve().parents[2]
 SIDECAR_TEMPLATE = REPO / "envoy" / "sidecar.yaml"
 EXAMPLE_POLICIES = REPO / "policies"
-TRUST_DOMAIN = "demo.local"
-NAMESPACE = "shop"
-ISSUER = "https://idp.demo.local"
+TRUST_DOMAIN = devcli.DEFAULT_TRUST_DOMAIN
+NAMESPACE = devcli.DEFAULT_NAMESPACE
+ISSUER = devcli.DEFAULT_ISSUER
 # The name in extauthz's server certificate that the sidecars check (with extauthz_tls).
 EXTAUTHZ_DNS = "extauthz.extauthz-system.svc"
 JWKS_FILE = "demo-idp.jwks.json"
@@ -75,6 +76,10 @@ class Mesh:
     # (SANs 127.0.0.1 and EXTAUTHZ_DNS) and requires each sidecar's SVID as client certificate.
     extauthz_tls: bool = False
     idp: DevIdP = field(default_factory=lambda: DevIdP.create(ISSUER))
+    # Sidecar listen ports by workload name; a workload left out gets a free port.
+    ports: Mapping[str, int] = field(default_factory=dict)
+    # Files added to the copy of ``policies`` before extauthz starts: relative path -> YAML.
+    extra_policies: Mapping[str, str] = field(default_factory=dict)
     services: dict[str, Workload] = field(default_factory=dict)
     extauthz_port: int = 0
     _extauthz: subprocess.Popen[bytes] | None = None
@@ -82,7 +87,7 @@ class Mesh:
     _ca: DevCA | None = None
 
     def spiffe_id(self, name: str) -> str:
-        return f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{name}"
+        return devcli.spiffe_id(TRUST_DOMAIN, NAMESPACE, name)
 
     @property
     def policy_dir(self) -> Path:
@@ -102,12 +107,13 @@ class Mesh:
 
     def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        names = [*self.workloads, *self.clients]
         self._ca = ca = DevCA.create(TRUST_DOMAIN)
-        self._certs = write_pki(
+        # The code path of `extauthz certs`: what the README shows is what runs here.
+        self._certs = devcli.write_svids(
             self.workdir / "certs",
-            TRUST_DOMAIN,
-            {n: self.spiffe_id(n) for n in names},
+            [*self.workloads, *self.clients],
+            domain=TRUST_DOMAIN,
+            namespace=NAMESPACE,
             dns_names=["localhost"],
             ca=ca,
         )
@@ -122,7 +128,11 @@ class Mesh:
         if self.policy_dir.exists():
             shutil.rmtree(self.policy_dir)
         shutil.copytree(self.policies, self.policy_dir)
-        (self.policy_dir / JWKS_FILE).write_text(self.idp.jwks())
+        devcli.write_jwks(self.idp, self.policy_dir / JWKS_FILE)
+        for relative, text in self.extra_policies.items():
+            path = self.policy_dir / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
         self.start_extauthz()
         for name in self.workloads:
             self._start_workload(name)
@@ -230,7 +240,7 @@ class Mesh:
 
     def _start_workload(self, name: str) -> None:
         upstream = EchoServer(name).start()
-        port, admin = free_port(), free_port()
+        port, admin = self.ports.get(name) or free_port(), free_port()
         config = render_sidecar(
             SIDECAR_TEMPLATE,
             listen_port=port,
