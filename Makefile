@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install check test demo compose lint-policies clean protos fuzz soak
+.PHONY: install debs check test demo compose lint-policies clean protos fuzz soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Debian packages the tests use (curl: the README's demo examples), installed when missing.
+DEBS := curl:curl
+debs:
+	@missing=""; for pair in $(DEBS); do \
+		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -q && apt-get install -y -q $$missing; fi
+
 check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -25,7 +34,7 @@ check: install
 	$(BIN)/extauthz policy lint --strict policies/
 	$(BIN)/extauthz policy test policies/
 
-test: check
+test: check debs
 	$(BIN)/pytest -q
 
 demo: install
