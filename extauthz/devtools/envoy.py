@@ -32,6 +32,7 @@ __all__ = [
     "load_config",
     "render_front_proxy",
     "render_sidecar",
+    "render_workers",
     "validate",
 ]
 
@@ -215,6 +216,43 @@ def render_front_proxy(
         raise ValueError(f"upstream_ports has no port for cluster(s) {sorted(unset)}")
     for name, port in upstream_ports.items():
         _endpoint(config, name, template)["address"]["socket_address"]["port_value"] = port
+    return config
+
+
+def render_workers(
+    template: Path,
+    *,
+    listen_port: int,
+    admin_port: int,
+    extauthz_addresses: Sequence[str],
+    upstream_port: int,
+) -> dict[str, Any]:
+    """Adapt ``envoy/workers.yaml`` to a local run: one ``extauthz`` endpoint per address of
+    ``extauthz_addresses`` (``127.0.0.1:PORT`` or ``unix:/path``, one per worker), the
+    listener ``ingress`` and the single endpoint of ``upstream`` on the given ports."""
+    if not extauthz_addresses:
+        raise ValueError("extauthz_addresses must name at least one worker")
+    config = load_config(template)
+    try:
+        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    except (KeyError, TypeError):
+        raise ValueError(f"{template}: no admin.address.socket_address") from None
+    listener = _named(config, "listeners", "ingress", template)
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    _endpoint(config, "upstream", template)["address"]["socket_address"]["port_value"] = (
+        upstream_port
+    )
+    endpoints = []
+    for address in extauthz_addresses:
+        if address.startswith("unix:"):
+            _check_unix_path(address.removeprefix("unix:"))
+            endpoints.append({"endpoint": {"address": {"pipe": {"path": address[5:]}}}})
+        else:
+            host, _, port = address.rpartition(":")
+            sock = {"address": host, "port_value": int(port)}
+            endpoints.append({"endpoint": {"address": {"socket_address": sock}}})
+    cluster = _named(config, "clusters", "extauthz", template)
+    cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": endpoints}]
     return config
 
 
