@@ -242,15 +242,16 @@ def render_workers(
     _endpoint(config, "upstream", template)["address"]["socket_address"]["port_value"] = (
         upstream_port
     )
-    endpoints = []
+    endpoints: list[dict[str, Any]] = []
     for address in extauthz_addresses:
+        where: dict[str, Any]
         if address.startswith("unix:"):
             _check_unix_path(address.removeprefix("unix:"))
-            endpoints.append({"endpoint": {"address": {"pipe": {"path": address[5:]}}}})
+            where = {"pipe": {"path": address.removeprefix("unix:")}}
         else:
             host, _, port = address.rpartition(":")
-            sock = {"address": host, "port_value": int(port)}
-            endpoints.append({"endpoint": {"address": {"socket_address": sock}}})
+            where = {"socket_address": {"address": host, "port_value": int(port)}}
+        endpoints.append({"endpoint": {"address": where}})
     cluster = _named(config, "clusters", "extauthz", template)
     cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": endpoints}]
     return config
