@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install check test demo lint-policies clean protos fuzz soak
+.PHONY: install check test demo lint-policies clean protos fuzz soak bench locust
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,21 @@ demo: install
 # 10 minutes at a fixed rate past every cache bound: RSS and open files at start and end.
 soak: install
 	$(BIN)/python -m loadtest.soak --seconds 600 --rate 400 --json soak.json
+
+# Envoy alone, Envoy RBAC + jwt_authn and Envoy + extauthz (1 and 2 workers), interleaved
+# rounds of wrk through one Envoy each: a table, loadtest/results/bench.{json,png}.
+# BENCH_ARGS: e.g. "--seconds 5 --rounds 2" or "--peer /usr/local/bin/opa" (OPA-Envoy).
+BENCH_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+bench: install
+	command -v wrk >/dev/null && command -v h2load >/dev/null || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk nghttp2-client; }
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
+# locust --headless against extauthz (gRPC Check) and through a real Envoy (HTTP).
+LOCUST_SECONDS ?= 30
+locust: install
+	$(BIN)/python -m loadtest.locust_run --seconds $(LOCUST_SECONDS)
 
 # Coverage-guided fuzzing with atheris (CI runs the same targets with a mutation fuzzer:
 # tests/test_fuzz.py). FUZZ_SECONDS per target; a crash stops with the input saved.
