@@ -37,7 +37,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from extauthz.devtools.envoy import EnvoyProcess, find_envoy, free_port
+from extauthz.devtools.envoy import EnvoyProcess, find_envoy, free_port, free_ports
 from extauthz.devtools.mesh import wait_serving
 from extauthz.devtools.pki import write_pki
 from loadtest import bench_setup as bs
@@ -70,6 +70,8 @@ class Stack:
     workdir: Path
     envoys: list[EnvoyProcess] = field(default_factory=list)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # "setup/workload" -> the gRPC addresses of its authz server (for loadtest.locust_run)
+    authz: dict[str, list[str]] = field(default_factory=dict)
 
     def envoy(self, config: Mapping[str, Any], admin_port: int) -> None:
         proc = EnvoyProcess(config, workdir=self.workdir, admin_port=admin_port)
@@ -162,7 +164,7 @@ def _authz(
         return bs.native_filters(workload, idp.jwks), []
     if setup.startswith("extauthz-"):
         workers = int(setup.removeprefix("extauthz-"))
-        port = _free_run(workers)
+        port = free_ports(workers)
         proc = stack.process(
             [
                 sys.executable,
@@ -183,6 +185,7 @@ def _authz(
             f"{setup}-{workload}.log",
         )
         ports = [port + i for i in range(workers)]
+        stack.authz[f"{setup}/{workload}"] = [f"127.0.0.1:{p}" for p in ports]
         for p in ports:
             wait_serving(f"127.0.0.1:{p}", proc, stack.workdir / f"{setup}-{workload}.log")
         return [bs.ext_authz_filter()], [bs.authz_cluster(ports)]
@@ -211,22 +214,6 @@ def _authz(
         _wait_port(port, proc)
         return [bs.ext_authz_filter()], [bs.authz_cluster([port])]
     raise SystemExit(f"error: --setups: unknown setup {setup!r} (known: {', '.join(bs.SETUPS)})")
-
-
-def _free_run(n: int) -> int:
-    """A port p with p .. p+n-1 free (racy, like free_port)."""
-    for _ in range(100):
-        port = free_port()
-        ok = True
-        for i in range(1, n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + i))
-                except OSError:
-                    ok = False
-        if ok and port + n <= 65535:
-            return port
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -294,6 +281,34 @@ def wrk(target: Target, connections: int, seconds: float, script: Path) -> dict[
     return result
 
 
+def h2load(target: Target, connections: int, seconds: float) -> dict[str, Any]:
+    """Throughput over HTTP/2 cleartext, 10 streams per connection (h2load has no percentiles:
+    wrk is the latency meter)."""
+    r = target.request
+    headers = [arg for k, v in r.headers.items() for arg in ("-H", f"{k}: {v}")]
+    argv = [
+        "h2load",
+        f"-c{connections}",
+        "-m10",
+        "-D",
+        str(max(1, round(seconds))),
+        *headers,
+        f"http://127.0.0.1:{target.port}{r.path}",
+    ]
+    out = subprocess.run(
+        argv, capture_output=True, text=True, timeout=seconds + 60, check=True
+    ).stdout
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    codes = re.search(r"status codes: (\d+) 2xx", out)
+    if rps is None or done is None or codes is None:
+        raise RuntimeError(f"cannot read h2load's output:\n{out}")
+    return {
+        "h2load_rps": float(rps.group(1)),
+        "h2load_errors": int(done.group(1)) - int(codes.group(1)),
+    }
+
+
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Median over rounds per workload, setup and connection count, with ratios."""
     out: dict[str, Any] = {}
@@ -305,7 +320,9 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             if (r["workload"], r["setup"], r["connections"]) == (workload, setup, conns)
         ]
         med = {k: statistics.median(r[k] for r in rows) for k in ("rps", *PERCENTILES, "mean")}
-        med["errors"] = sum(r["errors"] for r in rows)
+        med["errors"] = sum(r["errors"] + r.get("h2load_errors", 0) for r in rows)
+        if all("h2load_rps" in r for r in rows):
+            med["h2load_rps"] = statistics.median(r["h2load_rps"] for r in rows)
         med["rounds"] = len(rows)
         out.setdefault(workload, {}).setdefault(setup, {})[f"c{conns}"] = med
     for setups in out.values():
@@ -394,8 +411,8 @@ def table(summary: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]) -> s
         lines += [
             f"\n### {workload} (wrk, 32 connections; latency in ms; median of rounds)\n",
             "| setup | rps | p50 | p90 | p99 | p99.9 | vs none | vs native | errors "
-            "| +p50 µs @1 conn | +p99 µs @1 conn |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| +p50 µs @1 conn | +p99 µs @1 conn | h2load rps (h2c, 10 streams/conn) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for setup in bs.SETUPS:
             if setup not in setups or "c32" not in setups[setup]:
@@ -410,6 +427,7 @@ def table(summary: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]) -> s
                 str(m["errors"] + c1.get("errors", 0)),
                 _us(c1.get("added_p50_us")),
                 _us(c1.get("added_p99_us")),
+                _us(m.get("h2load_rps")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["\n### targets (issue 8)\n", "| target | value | met |", "|---|---:|---|"]
@@ -535,10 +553,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     ap.add_argument("--peer", help="an OPA-Envoy binary: adds the 'peer' setup")
+    ap.add_argument(
+        "--h2load",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure HTTP/2 throughput with h2load at --connections (default: on)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for bench.json/png")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         ap.error("wrk not found on PATH (apt-get install wrk; `make bench` does it)")
+    if args.h2load and shutil.which("h2load") is None:
+        ap.error(
+            "--h2load: h2load not found on PATH (apt-get install nghttp2-client; or --no-h2load)"
+        )
     if args.peer is not None:
         if not os.access(args.peer, os.X_OK):
             ap.error(f"--peer {args.peer}: not an executable file")
@@ -562,7 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "setups": args.setups,
             "workloads": args.workloads,
             "connections": [args.connections, 1],
-            "load": "wrk -t1, one Envoy --concurrency 1 per setup, direct_response upstream",
+            "load": "wrk -t1 (and h2load -m10 at the higher connection count, if on), one "
+            "Envoy --concurrency 1 per setup, direct_response upstream",
+            "h2load": args.h2load,
             "realistic_path": f"wrk -> front Envoy (mTLS as {bs.CALLER}) -> measured Envoy",
             "peer": args.peer,
         },
@@ -581,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(summary, args.out / "bench.png", title)
     print(f"{title}\n{table(summary, targets)}")
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
-    errors = sum(r["errors"] for r in rounds)
+    errors = sum(r["errors"] + r.get("h2load_errors", 0) for r in rounds)
     if errors:
         print(f"error: {errors} failed requests (non-2xx or socket errors): see bench.json")
         return 1
@@ -601,6 +631,8 @@ def _measure(workdir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
             for conns in (args.connections, 1):
                 for target in targets:
                     result = wrk(target, conns, args.seconds, script)
+                    if args.h2load and conns > 1:
+                        result.update(h2load(target, conns, args.seconds))
                     result.update(
                         round=n, setup=target.setup, workload=target.workload, connections=conns
                     )

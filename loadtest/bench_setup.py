@@ -219,39 +219,8 @@ def target_envoy(
     tls: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """The measured Envoy: filters, then a ``direct_response`` 200; mTLS with ``tls``."""
-    hcm = {
-        "stat_prefix": "bench",
-        "codec_type": "AUTO",
-        "http_filters": [
-            *filters,
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": _T + "filters.http.router.v3.Router"},
-            },
-        ],
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"prefix": "/"},
-                            "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
-                        }
-                    ],
-                }
-            ]
-        },
-    }
-    chain: dict[str, Any] = {
-        "filters": [
-            {
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {"@type": _HCM, **hcm},
-            }
-        ]
-    }
+    answer = {"direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
+    chain = _http_chain("bench", filters, answer)
     if tls is not None:
         chain["transport_socket"] = {
             "name": _TLS,
@@ -275,33 +244,7 @@ def front_envoy(
     listeners, clusters = [], []
     for listen_port, target_port in routes.items():
         name = f"to-{target_port}"
-        hcm = {
-            "stat_prefix": name,
-            "codec_type": "AUTO",
-            "http_filters": [
-                {
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {"@type": _T + "filters.http.router.v3.Router"},
-                }
-            ],
-            "route_config": {
-                "virtual_hosts": [
-                    {
-                        "name": "all",
-                        "domains": ["*"],
-                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}],
-                    }
-                ]
-            },
-        }
-        chain = {
-            "filters": [
-                {
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {"@type": _HCM, **hcm},
-                }
-            ]
-        }
+        chain = _http_chain(name, (), {"route": {"cluster": name}})
         listeners.append(_listener(name, listen_port, chain))
         clusters.append(
             {
@@ -322,6 +265,37 @@ def front_envoy(
             }
         )
     return _bootstrap(admin_port, listeners, clusters)
+
+
+def _http_chain(
+    stat_prefix: str, filters: Sequence[dict[str, Any]], action: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A filter chain: the HTTP connection manager with ``filters``, the router, and one
+    route for every path doing ``action``."""
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": stat_prefix,
+        "codec_type": "AUTO",  # HTTP/1.1 (wrk) or HTTP/2 cleartext (h2load)
+        "http_filters": [
+            *filters,
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": _T + "filters.http.router.v3.Router"},
+            },
+        ],
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, **action}],
+                }
+            ]
+        },
+    }
+    return {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    }
 
 
 def _tls_context(tls: Mapping[str, Path]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -100,6 +101,7 @@ def test_the_envoy_benchmark_runs_every_kind_of_setup(tmp_path: Path) -> None:
     assert measured == {(s, c) for s in ("none", "native", "extauthz-2") for c in (32, 1)}
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in result["rounds"])
     assert "added_p50_us" in result["summary"]["realistic"]["extauthz-2"]["c1"]
+    assert result["summary"]["realistic"]["extauthz-2"]["c32"]["h2load_rps"] > 0
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -124,3 +126,13 @@ def test_the_benchmark_workloads_state_the_same_rules_everywhere() -> None:
         assert f'{{"method": "{rule["method"]}", "prefix": "{rule["prefix"]}"}}' in rego
     native = bench_setup.native_filters("realistic", "{}")[1]["typed_config"]["rules"]["policies"]
     assert len(native) == 20
+
+
+def test_the_locust_run_drives_grpc_and_http_users(tmp_path: Path) -> None:
+    prefix = tmp_path / "locust"
+    run_benchmark("locust_run", "--seconds", "4", "--users", "2", "--csv", str(prefix))
+    with (tmp_path / "locust_stats.csv").open() as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    for name in ("Check", "GET via Envoy"):  # both users ran, and every request was allowed
+        assert int(rows.get(name, {}).get("Request Count", 0)) > 0, rows
+        assert rows[name]["Failure Count"] == "0", rows

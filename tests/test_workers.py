@@ -18,7 +18,7 @@ import pytest
 
 from extauthz.config import Settings
 from extauthz.decisionlog.settings import DecisionLogSettings
-from extauthz.devtools.envoy import EnvoyProcess, free_port, render_workers, validate
+from extauthz.devtools.envoy import EnvoyProcess, free_port, free_ports, render_workers, validate
 from extauthz.devtools.mesh import wait_serving
 from extauthz.devtools.upstream import EchoServer
 from extauthz.errors import ConfigError
@@ -86,7 +86,7 @@ def test_cli_refuses_zero_workers_and_a_worker_that_cannot_bind() -> None:
     bad = _extauthz("serve", "--workers", "0")
     assert bad.returncode == 2
     assert "--workers: expected a number of workers >= 1, got '0'" in bad.stderr
-    port = _free_pair()
+    port = free_ports(2)
     with socket.socket() as taken:  # worker 1's port is in use: the supervisor must fail
         taken.bind(("127.0.0.1", port + 1))
         taken.listen()
@@ -165,7 +165,7 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
     policies.mkdir()
     policy = policies / "only.yaml"
     policy.write_text(GET_ONLY.format(methods="GET"))
-    port = _free_pair()
+    port = free_ports(2)
     log_path = tmp_path / "extauthz.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -257,20 +257,6 @@ def test_envoy_balances_checks_across_workers_that_restart_reload_and_stop(
     assert w.proc.wait(20) == 0, w.diagnosis()
     for pid in workers_now.values():  # waited for (reaped) by the supervisor
         assert not Path(f"/proc/{pid}").exists()
-
-
-def _free_pair() -> int:
-    """A port p with p and p + 1 free on 127.0.0.1 (racy, like free_port)."""
-    for _ in range(50):
-        port = free_port()
-        if port < 65535:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 def _extauthz(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,6 +6,7 @@ beyond the package's runtime dependencies and an ``envoy`` binary.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.client
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "dump_config",
     "find_envoy",
     "free_port",
+    "free_ports",
     "load_config",
     "render_front_proxy",
     "render_sidecar",
@@ -69,6 +71,24 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_ports(count: int) -> int:
+    """A port p with p .. p + count - 1 unused on 127.0.0.1 (``--workers``' addresses);
+    racy, like :func:`free_port`."""
+    for _ in range(100):
+        port = free_port()
+        if port + count - 1 > 65535:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for i in range(1, count):
+                    s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", port + i))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
 
 
 def load_config(path: Path) -> dict[str, Any]:
