@@ -97,6 +97,28 @@ def test_cli_refuses_zero_workers_and_a_worker_that_cannot_bind() -> None:
     assert "before serving: stopping" in result.stderr
 
 
+def test_workers_on_numbered_unix_sockets_serve_and_stop_with_exit_0(tmp_path: Path) -> None:
+    log_path = tmp_path / "extauthz.log"
+    sock = f"unix:{tmp_path / 'x.sock'}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extauthz", "serve", "--workers", "2", "--listen", sock],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"},
+        )
+    try:
+        for i in (0, 1):
+            wait_serving(f"unix:{tmp_path / f'x-{i}.sock'}", proc, log_path)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (tmp_path / "x.sock").exists()  # only the numbered ones were ever bound
+
+
 def test_the_shipped_workers_config_validates(tmp_path: Path) -> None:
     validate(TEMPLATE)
 
