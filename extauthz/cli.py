@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from .reload import PolicyReloader
 from .server import Server, run
 from .telemetry import Telemetry
 from .tls import ReloadingCredentials, TlsFiles
+from .workers import READY, Supervisor, check_plan, for_worker
 
 log = logging.getLogger("extauthz")
 
@@ -101,6 +103,25 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_ISSUER,
         help=f"'iss' of minted tokens (default: {DEFAULT_ISSUER})",
     )
+
+
+def _workers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="run N server processes under a supervisor, worker i on --listen's port + i "
+        "(unix:/x.sock: /x-i.sock); give Envoy one endpoint per worker (default 1: one "
+        "process, no supervisor)",
+    )
+    # Set by the supervisor on the command lines of its workers.
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-ready-fd", type=int, help=argparse.SUPPRESS)
+
+
+def _workers(text: str) -> int:
+    return int(_number(text, int, 1, "a number of workers >= 1"))
 
 
 def _tls_args(p: argparse.ArgumentParser) -> None:
@@ -282,7 +303,11 @@ def load_policies(settings: Settings, keys: KeySetRegistry | None = None) -> Pol
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers > 1 and args.worker_index is None:
+        return supervise(args)
     settings = _settings(args)
+    if args.worker_index is not None:
+        settings = for_worker(settings, args.worker_index, args.workers)
     keys = KeySetRegistry(settings.jwks)
     policies = load_policies(settings, keys)
     keys.retain(policies.key_sets)
@@ -332,12 +357,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_concurrent_checks=settings.max_concurrent_checks,
     )
     try:
-        asyncio.run(run(server))
+        asyncio.run(run(server, _ready_signal(args.worker_ready_fd)))
     finally:
         keys.close()
         if decision_log is not None:
             decision_log.close()  # a no-op after the server's graceful stop
     return 0
+
+
+def supervise(args: argparse.Namespace) -> int:
+    """``--workers N``: check the plan, then run and watch N ``serve`` processes."""
+    settings = _settings(args)
+    plans = check_plan(settings, args.workers)
+    for i, plan in enumerate(plans):
+        extra = [
+            f"{flag} {value}"
+            for flag, value in (
+                ("metrics", plan.metrics_listen),
+                ("admin", plan.admin_listen),
+                ("jwks", plan.jwks_listen),
+                ("decision log", plan.decision_log.path if plan.decision_log else None),
+            )
+            if value is not None
+        ]
+        log.info("worker %d: %s", i, ", ".join([plan.listen, *extra]))
+
+    def command(index: int, ready_fd: int) -> list[str]:
+        # The supervisor's own command line, plus the worker's index: flags given twice take
+        # the last value, and the worker derives its addresses from the index.
+        return [
+            sys.executable,
+            "-m",
+            "extauthz",
+            *args.argv,
+            "--worker-index",
+            str(index),
+            "--worker-ready-fd",
+            str(ready_fd),
+        ]
+
+    supervisor = Supervisor(
+        [plan.listen for plan in plans],
+        command,
+        grace=settings.grace_seconds + settings.drain_delay,
+    )
+    return supervisor.run()
+
+
+def _ready_signal(fd: int | None) -> Callable[[], None] | None:
+    """A worker's "serving" message to its supervisor, or None outside a supervisor."""
+    if fd is None:
+        return None
+
+    def ready() -> None:
+        try:
+            os.write(fd, READY)
+        finally:
+            os.close(fd)
+
+    return ready
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
@@ -497,6 +575,7 @@ def parser() -> argparse.ArgumentParser:
     _limit_args(serve)
     decision_log_flags.add_arguments(serve)
     _metrics_args(serve)
+    _workers_args(serve)
     serve.set_defaults(func=cmd_serve)
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -625,9 +704,13 @@ def _dev_parsers(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a supervisor's workers reuse it
+    worker = getattr(args, "worker_index", None)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s"
+        + ("" if worker is None else f" [worker {worker}]")
+        + ": %(message)s",
         stream=sys.stderr,
     )
     try:

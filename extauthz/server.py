@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -399,9 +400,14 @@ def _grpc_address(listen: str) -> str:
     return listen
 
 
-async def run(server: Server) -> None:
-    """Serve until SIGTERM or SIGINT, then drain; SIGHUP reloads the policies."""
+async def run(server: Server, started: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; SIGHUP reloads the policies.
+
+    ``started`` is called once the server serves (a worker tells its supervisor).
+    """
     await server.start()
+    if started is not None:
+        started()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)

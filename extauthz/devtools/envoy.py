@@ -6,6 +6,7 @@ beyond the package's runtime dependencies and an ``envoy`` binary.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.client
 import ipaddress
@@ -31,9 +32,11 @@ __all__ = [
     "extauthz_tls_socket",
     "find_envoy",
     "free_port",
+    "free_ports",
     "load_config",
     "render_front_proxy",
     "render_sidecar",
+    "render_workers",
     "validate",
 ]
 
@@ -70,6 +73,24 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_ports(count: int) -> int:
+    """A port p with p .. p + count - 1 unused on 127.0.0.1 (``--workers``' addresses);
+    racy, like :func:`free_port`."""
+    for _ in range(100):
+        port = free_port()
+        if port + count - 1 > 65535:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for i in range(1, count):
+                    s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", port + i))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -270,6 +291,44 @@ def render_front_proxy(
         raise ValueError(f"upstream_ports has no port for cluster(s) {sorted(unset)}")
     for name, port in upstream_ports.items():
         _endpoint(config, name, template)["address"]["socket_address"]["port_value"] = port
+    return config
+
+
+def render_workers(
+    template: Path,
+    *,
+    listen_port: int,
+    admin_port: int,
+    extauthz_addresses: Sequence[str],
+    upstream_port: int,
+) -> dict[str, Any]:
+    """Adapt ``envoy/workers.yaml`` to a local run: one ``extauthz`` endpoint per address of
+    ``extauthz_addresses`` (``127.0.0.1:PORT`` or ``unix:/path``, one per worker), the
+    listener ``ingress`` and the single endpoint of ``upstream`` on the given ports."""
+    if not extauthz_addresses:
+        raise ValueError("extauthz_addresses must name at least one worker")
+    config = load_config(template)
+    try:
+        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    except (KeyError, TypeError):
+        raise ValueError(f"{template}: no admin.address.socket_address") from None
+    listener = _named(config, "listeners", "ingress", template)
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    _endpoint(config, "upstream", template)["address"]["socket_address"]["port_value"] = (
+        upstream_port
+    )
+    endpoints: list[dict[str, Any]] = []
+    for address in extauthz_addresses:
+        where: dict[str, Any]
+        if address.startswith("unix:"):
+            _check_unix_path(address.removeprefix("unix:"))
+            where = {"pipe": {"path": address.removeprefix("unix:")}}
+        else:
+            host, _, port = address.rpartition(":")
+            where = {"socket_address": {"address": host, "port_value": int(port)}}
+        endpoints.append({"endpoint": {"address": where}})
+    cluster = _named(config, "clusters", "extauthz", template)
+    cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": endpoints}]
     return config
 
 
