@@ -412,6 +412,8 @@ def _ready_signal(fd: int | None) -> Callable[[], None] | None:
     def ready() -> None:
         try:
             os.write(fd, READY)
+        except BrokenPipeError:
+            pass  # the supervisor stopped listening: it is stopping, and so shall we
         finally:
             os.close(fd)
 

@@ -406,10 +406,13 @@ async def run(server: Server, started: Callable[[], None] | None = None) -> None
     ``started`` is called once the server serves (a worker tells its supervisor).
     """
     await server.start()
-    if started is not None:
-        started()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
     loop.add_signal_handler(signal.SIGHUP, server.request_reload)
+    # A worker starts with these blocked (workers.STARTUP_BLOCKED): any that arrived while
+    # it started are handled now, by the handlers above. A no-op for a single process.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    if started is not None:
+        started()
     await server.wait()

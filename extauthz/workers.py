@@ -28,7 +28,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -99,16 +99,25 @@ def _maybe(listen: str | None, index: int, flag: str) -> str | None:
     return None if listen is None else numbered(listen, index, flag)
 
 
-def check_plan(settings: Settings, workers: int) -> list[Settings]:
-    """Every worker's settings; ConfigError if two listeners of the plan share an address."""
+def check_plan(
+    settings: Settings, workers: int, env: Mapping[str, str] | None = None
+) -> list[Settings]:
+    """Every worker's settings; ConfigError if two listeners of the plan (the Prometheus
+    port of ``env`` included) share an address."""
     plans = [for_worker(settings, i, workers) for i in range(workers)]
+    base = dict(os.environ if env is None else env)
     owners: dict[str, str] = {}
     for i, plan in enumerate(plans):
+        prometheus = _prometheus_port(child_env(i, base))
         for flag, address in (
             ("--listen", plan.listen),
             ("--metrics-listen", plan.metrics_listen),
             ("--admin-listen", plan.admin_listen),
             ("--jwks-listen", plan.jwks_listen),
+            (
+                "OTEL_EXPORTER_PROMETHEUS_PORT",
+                None if prometheus is None else f"0.0.0.0:{prometheus}",
+            ),
         ):
             if address is None:
                 continue
@@ -135,15 +144,31 @@ def child_env(index: int, base: dict[str, str]) -> dict[str, str]:
     env = dict(base)
     attrs = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
     env["OTEL_RESOURCE_ATTRIBUTES"] = f"{attrs},extauthz.worker={index}".lstrip(",")
-    if "OTEL_EXPORTER_PROMETHEUS_PORT" in env or "prometheus" in env.get(
-        "OTEL_METRICS_EXPORTER", ""
-    ):
-        port = int(env.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464"))
+    port = _prometheus_port(env)
+    if port is not None:
         env["OTEL_EXPORTER_PROMETHEUS_PORT"] = str(port + index)
     return env
 
 
-def _die_with_parent() -> None:
+def _prometheus_port(env: Mapping[str, str]) -> int | None:
+    """The port an env-configured Prometheus exporter listens on, None without one."""
+    if "OTEL_EXPORTER_PROMETHEUS_PORT" not in env and "prometheus" not in env.get(
+        "OTEL_METRICS_EXPORTER", ""
+    ):
+        return None
+    text = env.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464")
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise ConfigError(f"OTEL_EXPORTER_PROMETHEUS_PORT={text!r}: expected a port number")
+    return int(text)
+
+
+# Held pending in a new worker until its event loop handles them (server.run unblocks
+# them): a SIGTERM or SIGHUP forwarded while it starts would otherwise kill it outright.
+STARTUP_BLOCKED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def _prepare_worker() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)
     # A worker must not outlive a supervisor killed with SIGKILL (Linux only; elsewhere
     # the ready pipe's EOF is all a worker could notice, and it does not look).
     with contextlib.suppress(OSError, AttributeError):
@@ -186,7 +211,8 @@ class Supervisor:
                 self._spawn(w)
             if not self._wait_started():
                 return 1
-            log.info("%d workers serving: %s", len(self._workers), ", ".join(self.listens))
+            if self._stop is None:
+                log.info("%d workers serving: %s", len(self._workers), ", ".join(self.listens))
             return self._supervise()
         finally:
             self._stop_all()
@@ -205,7 +231,7 @@ class Supervisor:
                 pass_fds=(write_fd,),
                 env=child_env(w.index, self.env),
                 # preexec_fn is unsafe with threads; the supervisor runs none.
-                preexec_fn=_die_with_parent,
+                preexec_fn=_prepare_worker,
             )
         except BaseException:
             os.close(read_fd)

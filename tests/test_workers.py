@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -117,6 +118,82 @@ def test_workers_on_numbered_unix_sockets_serve_and_stop_with_exit_0(tmp_path: P
             proc.kill()
             proc.wait()
     assert not (tmp_path / "x.sock").exists()  # only the numbered ones were ever bound
+
+
+def _start_unix_workers(tmp_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "extauthz",
+                "serve",
+                "--workers",
+                "2",
+                "--listen",
+                f"unix:{tmp_path / 'x.sock'}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"},
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_workers_start_is_a_clean_exit(tmp_path: Path, sig: int) -> None:
+    """The signal reaches workers that have not yet installed their handlers (blocked until
+    then): they stop as they would once serving, and the supervisor exits 0."""
+    log_path = tmp_path / "extauthz.log"
+    proc = _start_unix_workers(tmp_path, log_path)
+    try:
+        _wait(lambda: "worker 1 (pid" in log_path.read_text(), "worker 1 spawned")
+        assert "workers serving" not in log_path.read_text()  # still starting
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0, log_path.read_text()
+    finally:
+        _stop(proc)
+    text = log_path.read_text()
+    assert "exited with status" not in text, text
+    assert "workers serving" not in text
+
+
+def test_a_reload_while_a_worker_restarts_does_not_kill_it(tmp_path: Path) -> None:
+    log_path = tmp_path / "extauthz.log"
+    proc = _start_unix_workers(tmp_path, log_path)
+    try:
+        for i in (0, 1):
+            wait_serving(f"unix:{tmp_path / f'x-{i}.sock'}", proc, log_path)
+        _wait(lambda: "workers serving" in log_path.read_text(), "serving")
+        (first,) = re.findall(r"worker 1 \(pid (\d+)\) starting", log_path.read_text())
+        os.kill(int(first), signal.SIGKILL)
+        _wait(
+            lambda: len(re.findall(r"worker 1 \(pid \d+\) starting", log_path.read_text())) == 2,
+            "worker 1 respawned",
+        )
+        proc.send_signal(signal.SIGHUP)  # most likely before the new worker serves
+        wait_serving(f"unix:{tmp_path / 'x-1.sock'}", proc, log_path)
+        time.sleep(0.5)  # time for a wrongly killed worker to be reported
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
+    finally:
+        _stop(proc)
+    exits = re.findall(r"worker \d \(pid \d+\) exited with status (-?\d+)", log_path.read_text())
+    assert exits == [str(-signal.SIGKILL)], log_path.read_text()
+
+
+def test_an_env_prometheus_port_is_checked_and_numbered() -> None:
+    settings = Settings(listen="127.0.0.1:9463")
+    with pytest.raises(ConfigError, match=r"OTEL_EXPORTER_PROMETHEUS_PORT='abc': expected a port"):
+        check_plan(settings, 2, {"OTEL_EXPORTER_PROMETHEUS_PORT": "abc"})
+    with pytest.raises(ConfigError, match=r"127.0.0.1:9464, which OTEL_EXPORTER_PROMETHEUS_PORT"):
+        check_plan(settings, 2, {"OTEL_METRICS_EXPORTER": "prometheus"})  # 9464 + i
+    assert len(check_plan(settings, 2, {"OTEL_EXPORTER_PROMETHEUS_PORT": "9500"})) == 2
 
 
 def test_the_shipped_workers_config_validates(tmp_path: Path) -> None:
