@@ -313,6 +313,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys.retain(policies.key_sets)
     if settings.policies is None:
         log.warning("no --policies: every request is allowed and no token is checked")
+    elif not (policies.authz or policies.authn):
+        # As a reload refuses a set that lost every policy: an empty directory (a ConfigMap
+        # not yet filled, a wrong mount) would allow everything. Omitting --policies is the
+        # explicit way to run with none.
+        keys.close()
+        raise ConfigError(
+            f"--policies {settings.policies}: no AuthorizationPolicy or RequestAuthentication "
+            "found, which would allow every request; refusing to start (omit --policies to "
+            "run with none on purpose)"
+        )
     if settings.workload_namespace is not None:
         # Select and index the default workload's policies before the first request.
         policies.warm([(settings.workload_namespace, settings.workload_labels, frozenset())])

@@ -13,7 +13,7 @@ from .policy.engine import DEFAULT_ROOT_NAMESPACE
 
 DEFAULT_LISTEN = "127.0.0.1:9191"
 # Checks one process holds at once before it sheds more (503 ``overloaded``): about Envoy's
-# default circuit breaker (1,024 requests per cluster) and below gRPC's 1,000 pending calls.
+# default circuit breaker (1,024 requests per cluster) and gRPC's ~1,000 pending calls.
 DEFAULT_MAX_CONCURRENT_CHECKS = 1000
 SPIFFE_ID_HEADER = "x-extauthz-spiffe-id"
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             (target,) = bench.start(stack, [setup], ["realistic"], None)
             env = {
                 **os.environ,
-                "EXTAUTHZ_TARGET": stack.authz[f"{setup}/realistic"][0],
+                "EXTAUTHZ_TARGET": ",".join(stack.authz[f"{setup}/realistic"]),
                 "BENCH_PATH": target.request.path,
                 "BENCH_HEADERS": json.dumps(dict(target.request.headers)),
             }

@@ -5,7 +5,8 @@
   headers of a browser request (``loadtest.micro.browser_headers``).
 - ``EnvoyUser`` sends that HTTP request through a real Envoy (and its mTLS front Envoy).
 
-Configured by the environment ``locust_run`` sets: ``EXTAUTHZ_TARGET`` (``HOST:PORT``),
+Configured by the environment ``locust_run`` sets: ``EXTAUTHZ_TARGET`` (``HOST:PORT``, or
+several comma-separated, one per worker: each user takes the next, round robin),
 ``BENCH_PATH`` and ``BENCH_HEADERS`` (JSON; the ``authorization`` header carries the token);
 ``--host`` is the Envoy URL. Locust is the load *shape* here (users, ramp-up, a live view);
 wrk is the meter (``loadtest.bench``): on 2 cores, locust's own CPU caps what it can send.
@@ -13,6 +14,7 @@ wrk is the meter (``loadtest.bench``): on 2 cores, locust's own CPU caps what it
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -50,14 +52,17 @@ def check_request(path: str = PATH, headers: dict[str, str] | None = None) -> An
     return req
 
 
+_user_numbers = itertools.count()  # spreads CheckUsers over the workers' addresses
+
+
 class CheckUser(User):
     """Check over gRPC, one channel per user; a deny counts as a failure."""
 
     wait_time = constant(0)
 
     def on_start(self) -> None:
-        target = os.environ.get("EXTAUTHZ_TARGET", "127.0.0.1:9191")
-        self.channel = grpc.insecure_channel(target)
+        targets = os.environ.get("EXTAUTHZ_TARGET", "127.0.0.1:9191").split(",")
+        self.channel = grpc.insecure_channel(targets[next(_user_numbers) % len(targets)])
         # Connect before the first timed call: its latency is not the connection's.
         grpc.channel_ready_future(self.channel).result(timeout=10)
         self.stub = external_auth_pb2_grpc.AuthorizationStub(self.channel)
