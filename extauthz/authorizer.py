@@ -18,6 +18,7 @@ from .decision import Decision, DenyResponse, Header, Outcome, new_decision_id
 from .errors import (
     ExtAuthzError,
     IdentityError,
+    OverloadedError,
     SpiffeIdError,
     TokenError,
     TokenMintError,
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 _NO_TARGETS: frozenset[Target] = frozenset()
 # context_extensions naming what a targetRefs policy targets
 _TARGET_KINDS = (("service", "Service"), ("gateway", "Gateway"))
+# A shed Check is worth retrying soon: the load that shed it is measured in milliseconds.
+_RETRY_AFTER: tuple[Header, ...] = (("retry-after", "1"),)
 _MEMO_SIZE = 8192  # remembered decisions in all (~1 KB each); all forgotten past it
 # A remembered decision and the peer and token it was made for.
 _Seen = tuple[peer_identity.Peer | None, VerifiedToken | None, Decision]
@@ -83,12 +86,16 @@ class Authorizer:
 
     def refuse(self, exc: ExtAuthzError, decision_id: str = "") -> Decision:
         """The deny for an error: 401 for identity failures, 503 when extauthz's own
-        configuration cannot carry out the policy, 403 for everything else."""
-        identity = isinstance(exc, IdentityError)
-        if identity:
+        configuration cannot carry out the policy or it is overloaded (with ``retry-after``),
+        403 for everything else."""
+        headers: tuple[Header, ...] = ()
+        if isinstance(exc, IdentityError):
             outcome = Outcome.UNAUTHENTICATED
+            headers = (_www_authenticate(exc.reason),)
         elif isinstance(exc, UnavailableError):
             outcome = Outcome.ERROR
+            if isinstance(exc, OverloadedError):
+                headers = _RETRY_AFTER
         else:
             outcome = Outcome.PERMISSION_DENIED
         return Decision(
@@ -97,7 +104,7 @@ class Authorizer:
             exc.message,
             decision_id or new_decision_id(),
             policy_revision=self._policies.revision,
-            client_headers=(_www_authenticate(exc.reason),) if identity else (),
+            client_headers=headers,
         )
 
     def check(self, inp: CheckInput) -> Decision:

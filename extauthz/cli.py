@@ -1,19 +1,23 @@
-"""``extauthz`` command line: ``serve``, ``check``, ``policy lint|test``, ``demo``."""
+"""``extauthz`` command line: ``serve``, ``check``, ``policy lint|test``; development only:
+``demo``, ``certs``, ``token``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__, policytest
 from .authorizer import Authorizer
-from .config import DEFAULT_LISTEN, Settings
+from .config import DEFAULT_LISTEN, DEFAULT_MAX_CONCURRENT_CHECKS, Settings
 from .decisionlog import settings as decision_log_flags
 from .decisionlog.log import DecisionLog
+from .devtools import devcli
 from .errors import ConfigError, PolicyError, PolicySetError
 from .identity.jwks import FetchSettings, KeySetRegistry
 from .identity.mint import DEFAULT_ISSUER, TokenMinter, load_signing_key
@@ -26,6 +30,7 @@ from .reload import PolicyReloader
 from .server import Server, run
 from .telemetry import Telemetry
 from .tls import ReloadingCredentials, TlsFiles
+from .workers import READY, Supervisor, check_plan, for_worker
 
 log = logging.getLogger("extauthz")
 
@@ -100,6 +105,25 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _workers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="run N server processes under a supervisor, worker i on --listen's port + i "
+        "(unix:/x.sock: /x-i.sock); give Envoy one endpoint per worker (default 1: one "
+        "process, no supervisor)",
+    )
+    # Set by the supervisor on the command lines of its workers.
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-ready-fd", type=int, help=argparse.SUPPRESS)
+
+
+def _workers(text: str) -> int:
+    return int(_number(text, int, 1, "a number of workers >= 1"))
+
+
 def _tls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tls-cert", type=Path, metavar="PEM", help="serve gRPC over TLS with this certificate"
@@ -111,6 +135,18 @@ def _tls_args(p: argparse.ArgumentParser) -> None:
         metavar="PEM",
         help="require client certificates signed by these CAs (mTLS from Envoy); all three "
         "files are re-read when they change, without a restart",
+    )
+
+
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-concurrent-checks",
+        type=_count,
+        default=DEFAULT_MAX_CONCURRENT_CHECKS,
+        metavar="N",
+        help="Checks decided at once; beyond N, more are answered at once with a 503 deny, "
+        f"reason 'overloaded', instead of queueing (0: no limit; default "
+        f"{DEFAULT_MAX_CONCURRENT_CHECKS})",
     )
 
 
@@ -225,6 +261,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         jwks_listen=getattr(args, "jwks_listen", None),
         decision_log=decision_log_flags.from_args(args),
         metrics_listen=getattr(args, "metrics_listen", None),
+        max_concurrent_checks=getattr(args, "max_concurrent_checks", DEFAULT_MAX_CONCURRENT_CHECKS),
     )
 
 
@@ -266,12 +303,26 @@ def load_policies(settings: Settings, keys: KeySetRegistry | None = None) -> Pol
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers > 1 and args.worker_index is None:
+        return supervise(args)
     settings = _settings(args)
+    if args.worker_index is not None:
+        settings = for_worker(settings, args.worker_index, args.workers)
     keys = KeySetRegistry(settings.jwks)
     policies = load_policies(settings, keys)
     keys.retain(policies.key_sets)
     if settings.policies is None:
         log.warning("no --policies: every request is allowed and no token is checked")
+    elif not (policies.authz or policies.authn):
+        # As a reload refuses a set that lost every policy: an empty directory (a ConfigMap
+        # not yet filled, a wrong mount) would allow everything. Omitting --policies is the
+        # explicit way to run with none.
+        keys.close()
+        raise ConfigError(
+            f"--policies {settings.policies}: no AuthorizationPolicy or RequestAuthentication "
+            "found, which would allow every request; refusing to start (omit --policies to "
+            "run with none on purpose)"
+        )
     if settings.workload_namespace is not None:
         # Select and index the default workload's policies before the first request.
         policies.warm([(settings.workload_namespace, settings.workload_labels, frozenset())])
@@ -313,14 +364,70 @@ def cmd_serve(args: argparse.Namespace) -> int:
         recent_decisions=settings.recent_decisions,
         jwks=jwks,
         decision_log=decision_log,
+        max_concurrent_checks=settings.max_concurrent_checks,
     )
     try:
-        asyncio.run(run(server))
+        asyncio.run(run(server, _ready_signal(args.worker_ready_fd)))
     finally:
         keys.close()
         if decision_log is not None:
             decision_log.close()  # a no-op after the server's graceful stop
     return 0
+
+
+def supervise(args: argparse.Namespace) -> int:
+    """``--workers N``: check the plan, then run and watch N ``serve`` processes."""
+    settings = _settings(args)
+    plans = check_plan(settings, args.workers)
+    for i, plan in enumerate(plans):
+        extra = [
+            f"{flag} {value}"
+            for flag, value in (
+                ("metrics", plan.metrics_listen),
+                ("admin", plan.admin_listen),
+                ("jwks", plan.jwks_listen),
+                ("decision log", plan.decision_log.path if plan.decision_log else None),
+            )
+            if value is not None
+        ]
+        log.info("worker %d: %s", i, ", ".join([plan.listen, *extra]))
+
+    def command(index: int, ready_fd: int) -> list[str]:
+        # The supervisor's own command line, plus the worker's index: flags given twice take
+        # the last value, and the worker derives its addresses from the index.
+        return [
+            sys.executable,
+            "-m",
+            "extauthz",
+            *args.argv,
+            "--worker-index",
+            str(index),
+            "--worker-ready-fd",
+            str(ready_fd),
+        ]
+
+    supervisor = Supervisor(
+        [plan.listen for plan in plans],
+        command,
+        grace=settings.grace_seconds + settings.drain_delay,
+    )
+    return supervisor.run()
+
+
+def _ready_signal(fd: int | None) -> Callable[[], None] | None:
+    """A worker's "serving" message to its supervisor, or None outside a supervisor."""
+    if fd is None:
+        return None
+
+    def ready() -> None:
+        try:
+            os.write(fd, READY)
+        except BrokenPipeError:
+            pass  # the supervisor stopped listening: it is stopping, and so shall we
+        finally:
+            os.close(fd)
+
+    return ready
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
@@ -382,7 +489,89 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .devtools.demo import main as demo_main
 
-    return demo_main(once=args.once, workdir=args.workdir)
+    return demo_main(once=args.once, workdir=args.workdir, base_port=args.base_port)
+
+
+def _dev_arg(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A devcli validator as an argparse type: its ValueError text becomes the message."""
+
+    def checked(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    checked.__name__ = convert.__name__
+    return checked
+
+
+def _dev_banner(command: str) -> None:
+    print(devcli.BANNER.format(command=command), file=sys.stderr)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    _dev_banner("certs")
+    try:
+        paths = devcli.write_svids(
+            args.out,
+            args.names,
+            domain=args.trust_domain,
+            namespace=args.namespace,
+            dns_names=args.dns if args.dns is not None else ["localhost"],
+        )
+    except ValueError as exc:  # names that collide as files ("ca", "x" with "x-key")
+        print(f"extauthz certs: error: argument NAME: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"extauthz certs: error: argument --out: {args.out}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"CA      {paths['ca']}  (its key is not kept: nothing can issue more from disk)")
+    for name in args.names:
+        sid = devcli.spiffe_id(args.trust_domain, args.namespace, name)
+        print(f"SVID    {paths[name]}  {paths[name + '-key']}  {sid}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    _dev_banner("token")
+    if not args.issuer:
+        print("extauthz token: error: argument --issuer: must not be empty", file=sys.stderr)
+        return 2
+    try:
+        if args.new_key:
+            devcli.create_signing_key(args.key)
+        idp = devcli.load_idp(args.key, args.issuer)
+    except ConfigError as exc:
+        hint = "" if args.new_key or args.key.exists() else " (create one with --new-key)"
+        print(f"extauthz token: error: argument --key: {exc.message}{hint}", file=sys.stderr)
+        return 2
+    if args.jwks is not None:
+        try:
+            devcli.write_jwks(idp, args.jwks)
+        except OSError as exc:
+            print(
+                f"extauthz token: error: argument --jwks: {args.jwks}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 2
+    print(
+        devcli.sign(
+            idp,
+            subject=args.subject,
+            audiences=args.audience if args.audience is not None else [devcli.DEFAULT_AUDIENCE],
+            ttl=args.ttl,
+            claims=dict(args.claim),
+        )
+    )
+    return 0
+
+
+def _base_port(text: str) -> int:
+    what = "a port 1-65532 (the demo takes it and the next three)"
+    value = int(_number(text, int, 1, what))
+    if value > 65532:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -395,8 +584,10 @@ def parser() -> argparse.ArgumentParser:
     _admin_args(serve)
     _jwks_listen_args(serve)
     _tls_args(serve)
+    _limit_args(serve)
     decision_log_flags.add_arguments(serve)
     _metrics_args(serve)
+    _workers_args(serve)
     serve.set_defaults(func=cmd_serve)
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -422,16 +613,116 @@ def parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     demo = sub.add_parser("demo", help="run the local demo mesh (development only)")
     demo.add_argument("--once", action="store_true", help="play the scenario once and exit")
-    demo.add_argument("--workdir", type=Path, default=Path(".demo"))
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".demo"),
+        help="certificates, tokens, policies, decision log and spans go here (default: .demo)",
+    )
+    demo.add_argument(
+        "--base-port",
+        type=_base_port,
+        default=devcli.DEMO_BASE_PORT,
+        metavar="PORT",
+        help=f"extauthz listens on PORT, the frontend, orders and payments sidecars on the "
+        f"next three (default: {devcli.DEMO_BASE_PORT})",
+    )
     demo.set_defaults(func=cmd_demo)
+    _dev_parsers(sub)
     return ap
+
+
+def _dev_parsers(sub: Any) -> None:
+    certs = sub.add_parser(
+        "certs",
+        help="DEVELOPMENT ONLY: write a throwaway CA and SPIFFE X.509-SVIDs",
+        description="DEVELOPMENT ONLY. Writes a fresh self-signed CA (ca.pem; its key is "
+        "discarded) and, per NAME, NAME.pem and NAME-key.pem (mode 0600): an X.509-SVID "
+        "for spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/NAME, valid for a day.",
+    )
+    certs.add_argument(
+        "names",
+        nargs="+",
+        metavar="NAME",
+        type=_dev_arg(devcli.path_segment),
+        help="workload (service account) names",
+    )
+    certs.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    certs.add_argument(
+        "--trust-domain",
+        type=_dev_arg(devcli.trust_domain),
+        default=devcli.DEFAULT_TRUST_DOMAIN,
+        help=f"SPIFFE trust domain (default: {devcli.DEFAULT_TRUST_DOMAIN})",
+    )
+    certs.add_argument(
+        "--namespace",
+        type=_dev_arg(devcli.path_segment),
+        default=devcli.DEFAULT_NAMESPACE,
+        help=f"namespace in the SPIFFE IDs (default: {devcli.DEFAULT_NAMESPACE})",
+    )
+    certs.add_argument(
+        "--dns",
+        action="append",
+        metavar="NAME",
+        help="a DNS SAN for every SVID, repeatable (default: localhost, so curl can verify "
+        "a sidecar on 127.0.0.1)",
+    )
+    certs.set_defaults(func=cmd_certs)
+
+    token = sub.add_parser(
+        "token",
+        help="DEVELOPMENT ONLY: sign a JWT with chosen claims",
+        description="DEVELOPMENT ONLY. Prints an ES256 JWT signed with --key (EC P-256 PEM). "
+        "--new-key creates the key, --jwks writes its public JWKS for a RequestAuthentication "
+        "(jwksUri: FILE or jwks:). The kid is the key's RFC 7638 thumbprint.",
+    )
+    token.add_argument("--key", type=Path, required=True, metavar="PEM", help="signing key")
+    token.add_argument(
+        "--new-key", action="store_true", help="create --key first (never replaces a file)"
+    )
+    token.add_argument("--jwks", type=Path, metavar="FILE", help="write --key's public JWKS here")
+    token.add_argument(
+        "--issuer",
+        default=devcli.DEFAULT_ISSUER,
+        help=f"iss (default: {devcli.DEFAULT_ISSUER}, the demo's)",
+    )
+    token.add_argument(
+        "--audience",
+        action="append",
+        metavar="AUD",
+        help=f"aud, repeatable (default: {devcli.DEFAULT_AUDIENCE})",
+    )
+    token.add_argument(
+        "--subject", default=devcli.DEFAULT_SUBJECT, help=f"sub (default: {devcli.DEFAULT_SUBJECT})"
+    )
+    token.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        type=_dev_arg(devcli.parse_claim),
+        metavar="KEY=VALUE",
+        help='another claim, repeatable; VALUE is JSON when it parses (roles=["admin"], '
+        "level=3), else a string",
+    )
+    token.add_argument(
+        "--ttl",
+        type=_dev_arg(devcli.ttl),
+        default=devcli.DEFAULT_TTL,
+        metavar="S",
+        help=f"seconds until exp; negative: an expired token (default: {devcli.DEFAULT_TTL:g})",
+    )
+    token.set_defaults(func=cmd_token)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a supervisor's workers reuse it
+    worker = getattr(args, "worker_index", None)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s"
+        + ("" if worker is None else f" [worker {worker}]")
+        + ": %(message)s",
         stream=sys.stderr,
     )
     try:

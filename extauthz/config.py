@@ -12,6 +12,9 @@ from .identity.mint import DEFAULT_ISSUER
 from .policy.engine import DEFAULT_ROOT_NAMESPACE
 
 DEFAULT_LISTEN = "127.0.0.1:9191"
+# Checks one process holds at once before it sheds more (503 ``overloaded``): about Envoy's
+# default circuit breaker (1,024 requests per cluster) and gRPC's ~1,000 pending calls.
+DEFAULT_MAX_CONCURRENT_CHECKS = 1000
 SPIFFE_ID_HEADER = "x-extauthz-spiffe-id"
 
 
@@ -41,6 +44,7 @@ class Settings:
     spiffe_id_header: str = SPIFFE_ID_HEADER
     grace_seconds: float = 5.0
     drain_delay: float = 0.0  # seconds NOT_SERVING but still answering, before closing
+    max_concurrent_checks: int = DEFAULT_MAX_CONCURRENT_CHECKS  # 0: no limit
     reload_interval: float = 2.0
     # The admin gRPC service's own listener (None: off) and how many recent decisions it can
     # explain by id (0: none are recorded).

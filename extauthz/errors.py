@@ -222,6 +222,14 @@ class TokenSigningUnconfiguredError(UnavailableError):
     reason = "token_signing_unconfigured"
 
 
+class OverloadedError(UnavailableError):
+    """More Checks are in flight than ``--max-concurrent-checks``: this one is answered at
+    once with a 503 (and ``retry-after``) instead of queueing behind the others. A deny like
+    any other, never an RPC error that ``failure_mode_allow`` could turn into an allow."""
+
+    reason = "overloaded"
+
+
 class WorkloadUnknownError(ExtAuthzError):
     """Policies are scoped to namespaces/labels but the request does not say which workload
     it is for (no ``namespace``/``labels`` context extension, server default or destination

@@ -8,9 +8,11 @@ CheckResponse; an RPC error would let ``failure_mode_allow`` turn a failure into
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -21,9 +23,10 @@ from grpc_reflection.v1alpha import reflection
 
 from .admin.recent import DEFAULT_CAPACITY, RecentDecisions
 from .authorizer import Authorizer
+from .config import DEFAULT_MAX_CONCURRENT_CHECKS
 from .decision import Decision, Outcome
 from .decisionlog.log import DecisionLog
-from .errors import ConfigError, ExtAuthzError
+from .errors import ConfigError, ExtAuthzError, OverloadedError
 from .jwks_server import JwksServer
 from .reload import PolicyReloader, ReloadStatus
 from .request import CheckInput, from_check_request
@@ -54,15 +57,20 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         telemetry: Telemetry,
         recent: RecentDecisions | None = None,
         decision_log: DecisionLog | None = None,
+        max_in_flight: int = 0,
     ) -> None:
         self.authorizer = authorizer
         self.telemetry = telemetry
         # Only with the admin listener on: the inputs and policy snapshots of recent decisions.
         self.recent = recent
         self.decision_log = decision_log
+        # Checks decided at once before more are shed (0: no limit).
+        self.max_in_flight = max_in_flight
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         telemetry = self.telemetry
+        if 0 < self.max_in_flight <= telemetry.in_flight:
+            return self._shed(request, context)
         # A plain count the in-flight metric observes: the SDK's UpDownCounter.add costs
         # ~10 µs, twice per Check.
         telemetry.in_flight += 1
@@ -113,17 +121,42 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             self.decision_log.record(decision, inp, wall, span, metadata, decided)
         return response
 
+    def _shed(self, request: Any, context: Any) -> bytes:
+        """Over the limit: a 503 ``overloaded`` deny at once, rather than a place in a queue
+        whose wait Envoy's timeout would turn into an error. Counted, traced and logged."""
+        start, wall = time.perf_counter_ns(), time.time_ns()
+        inp: CheckInput | None = None
+        try:
+            # Read only for the log and the span; unreadable, it is shed all the same.
+            with contextlib.suppress(ExtAuthzError):
+                inp = from_check_request(request)
+            decision = self.authorizer.refuse(
+                OverloadedError(f"more than {self.max_in_flight} checks in flight")
+            )
+            response = encode_check_response(decision)
+        except Exception:
+            log.exception("cannot shed a Check; denying")
+            return self._last_resort(inp, start, wall, context)
+        self._record_undecided(decision, inp, start, wall, context)
+        return response
+
     def _last_resort(self, inp: CheckInput | None, start: int, wall: int, context: Any) -> bytes:
         """The answer of last resort, counted, traced and logged as the error it is."""
+        self._record_undecided(_FAILED, inp, start, wall, context)
+        return _LAST_RESORT
+
+    def _record_undecided(
+        self, decision: Decision, inp: CheckInput | None, start: int, wall: int, context: Any
+    ) -> None:
+        """Telemetry and the decision log for an answer the policies did not make."""
         metadata = context.invocation_metadata() or ()
         span = None
         try:
-            span = self.telemetry.record(_FAILED, inp, start, metadata)
+            span = self.telemetry.record(decision, inp, start, metadata)
         except Exception:
-            log.exception("telemetry failed for a failed decision")
+            log.exception("telemetry failed for decision %s", decision.decision_id)
         if self.decision_log is not None:  # never raises
-            self.decision_log.record(_FAILED, inp, wall, span, metadata)
-        return _LAST_RESORT
+            self.decision_log.record(decision, inp, wall, span, metadata)
 
 
 def _wire(response: Any) -> bytes:
@@ -164,6 +197,8 @@ class Server:
     (:mod:`extauthz.admin.service`), and Check records its last ``recent_decisions``. With
     ``jwks``, the HTTP listener of the minted tokens' key set starts and stops with it. With
     ``decision_log``, Check records every decision there; stop writes it out after draining.
+    Beyond ``max_concurrent_checks`` Checks in flight (0: no limit), more are answered at once
+    with a 503 ``overloaded`` deny.
     """
 
     def __init__(
@@ -180,7 +215,13 @@ class Server:
         recent_decisions: int = DEFAULT_CAPACITY,
         jwks: JwksServer | None = None,
         decision_log: DecisionLog | None = None,
+        max_concurrent_checks: int = DEFAULT_MAX_CONCURRENT_CHECKS,
     ) -> None:
+        if max_concurrent_checks < 0:
+            raise ConfigError(
+                f"--max-concurrent-checks {max_concurrent_checks}: expected a number >= 0"
+            )
+        self.max_concurrent_checks = max_concurrent_checks
         self.authorizer = authorizer
         self.jwks = jwks
         self.decision_log = decision_log
@@ -216,7 +257,13 @@ class Server:
             ]
         )
         add_authorization_servicer(
-            AuthorizationServicer(self.authorizer, self.telemetry, self.recent, self.decision_log),
+            AuthorizationServicer(
+                self.authorizer,
+                self.telemetry,
+                self.recent,
+                self.decision_log,
+                max_in_flight=self.max_concurrent_checks,
+            ),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -380,11 +427,19 @@ def _grpc_address(listen: str) -> str:
     return listen
 
 
-async def run(server: Server) -> None:
-    """Serve until SIGTERM or SIGINT, then drain; SIGHUP reloads the policies."""
+async def run(server: Server, started: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; SIGHUP reloads the policies.
+
+    ``started`` is called once the server serves (a worker tells its supervisor).
+    """
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
     loop.add_signal_handler(signal.SIGHUP, server.request_reload)
+    # A worker starts with these blocked (workers.STARTUP_BLOCKED): any that arrived while
+    # it started are handled now, by the handlers above. A no-op for a single process.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    if started is not None:
+        started()
     await server.wait()

@@ -1,6 +1,7 @@
 """The decision log: a session through the real gRPC server (one record per Check, none lost
-at graceful stop, no credential in the file), masking, rotation, deterministic sampling, the
-queue when the sink is slow, the JSON mapping, the flags, and the generated code's drift."""
+at graceful stop, even with checks in flight, no credential in the file), masking, rotation,
+deterministic sampling, the queue when the sink is slow, the JSON mapping, the flags, and the
+generated code's drift."""
 
 from __future__ import annotations
 
@@ -359,6 +360,63 @@ async def test_a_session_leaves_one_record_per_check_and_no_credential(
     unreadable = by_id[answers[8][0]]
     assert not unreadable.HasField("request")
     assert not unreadable.HasField("workload")
+
+
+class HeldAuthorizer(Authorizer):
+    """Decides as the real one, once released: checks stay in flight until the test says."""
+
+    def __init__(self, policies: PolicySet, settings: Settings) -> None:
+        super().__init__(policies, settings)
+        self.held = 0
+        self.release = asyncio.Event()
+
+    async def check_async(self, inp: CheckInput, *, wait: float) -> Decision:
+        self.held += 1
+        await self.release.wait()
+        return await super().check_async(inp, wait=wait)
+
+
+async def test_checks_in_flight_at_graceful_stop_are_answered_and_logged_once(
+    tmp_path: Path, idp: Idp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "p.yaml").write_text(policies(idp.jwks))
+    authorizer = HeldAuthorizer(
+        PolicySet.load(tmp_path / "policies"), Settings(workload_namespace="shop")
+    )
+    path = tmp_path / "decisions.log"
+    log = DecisionLog.open(DecisionLogSettings(str(path)), workload=authorizer.workload)
+    server = Server(authorizer, Telemetry(None), listen="127.0.0.1:0", grace=10.0, decision_log=log)
+    await server.start()
+    # Every case but the unreadable one reaches the authorizer, and is held there.
+    cases = [c for c in session_cases(idp) if c.request.attributes.request.HasField("http")] * 4
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            calls = [asyncio.ensure_future(send(stub, c)) for c in cases]
+            async with asyncio.timeout(10):
+                while authorizer.held < len(cases):
+                    await asyncio.sleep(0.01)
+            stopping = asyncio.ensure_future(server.stop())  # SIGTERM's path, drain 0
+            await asyncio.sleep(0.3)
+            assert not stopping.done()  # waiting for the checks in flight
+            authorizer.release.set()
+            answers = await asyncio.gather(*calls)  # each a CheckResponse: no RPC error
+            await stopping
+    finally:
+        authorizer.release.set()
+        await server.stop()
+    for case, (_, status) in zip(cases, answers, strict=True):
+        assert status == case.status, case.name
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["decision_id"] for r in records) == sorted(d for d, _ in answers)
+    by_id = {r["decision_id"]: r for r in records}
+    for case, (decision_id, status) in zip(cases, answers, strict=True):
+        assert (by_id[decision_id]["http_status"], by_id[decision_id]["reason"]) == (
+            status,
+            case.reason,
+        )
 
 
 # --- the Check path never fails because of the log ----------------------------------------

@@ -197,6 +197,40 @@ async def test_a_file_that_lost_its_policies_is_refused(policy_dir: Path, conten
     assert allowed(authorizer, "/z")
 
 
+@pytest.mark.parametrize(
+    "content", [None, "", "# only a comment\n"], ids=["no-file", "empty", "comment"]
+)
+def test_serve_refuses_to_start_on_a_directory_without_policies(
+    tmp_path: Path, content: str | None
+) -> None:
+    """What a reload refuses, a start refuses too: an empty mount would allow everything."""
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    if content is not None:
+        (directory / "p.yaml").write_text(content)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "extauthz",
+            "serve",
+            "--policies",
+            str(directory),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"--policies {directory}: no AuthorizationPolicy or RequestAuthentication" in (
+        result.stderr
+    )
+
+
 async def test_files_changing_during_a_load_are_read_again(policy_dir: Path) -> None:
     """A set mixing two versions (a ConfigMap swap between two reads) is never installed."""
     authorizer, reloader = reloader_for(policy_dir)

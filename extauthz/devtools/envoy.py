@@ -6,8 +6,10 @@ beyond the package's runtime dependencies and an ``envoy`` binary.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.client
+import ipaddress
 import os
 import shutil
 import signal
@@ -27,11 +29,14 @@ import yaml
 __all__ = [
     "EnvoyProcess",
     "dump_config",
+    "extauthz_tls_socket",
     "find_envoy",
     "free_port",
+    "free_ports",
     "load_config",
     "render_front_proxy",
     "render_sidecar",
+    "render_workers",
     "validate",
 ]
 
@@ -70,6 +75,24 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int) -> int:
+    """A port p with p .. p + count - 1 unused on 127.0.0.1 (``--workers``' addresses);
+    racy, like :func:`free_port`."""
+    for _ in range(100):
+        port = free_port()
+        if port + count - 1 > 65535:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for i in range(1, count):
+                    s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", port + i))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
 def load_config(path: Path) -> dict[str, Any]:
     """Parse an Envoy YAML bootstrap."""
     data = yaml.safe_load(path.read_text())
@@ -96,6 +119,9 @@ def render_sidecar(
     context_extensions: Mapping[str, str] | None = None,
     collector_port: int | None = None,
     service_name: str | None = None,
+    extauthz_tls: Mapping[str, Any] | None = None,
+    listen_address: str = "127.0.0.1",
+    hosts: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Adapt the sidecar template to a local run: loopback everywhere, given ports and certs.
 
@@ -104,9 +130,18 @@ def render_sidecar(
     Envoy reaches extauthz. ``context_extensions`` replaces those sent with every check.
     ``collector_port`` is the OTLP/gRPC collector Envoy's tracer exports to (default: the
     template's), ``service_name`` the service its spans are from.
+    ``extauthz_tls`` makes Envoy reach extauthz over TLS (:func:`extauthz_tls_socket`): keys
+    ``ca`` and ``san``, with ``cert`` and ``key`` for mTLS.
+
+    For containers (``extauthz.devtools.compose``): ``listen_address`` is where the inbound
+    listener binds, and ``hosts`` maps a cluster name (``extauthz``, ``otel_collector``,
+    ``upstream``) to the host name its endpoint dials instead of 127.0.0.1; such a cluster
+    becomes ``STRICT_DNS``, since a ``STATIC`` cluster takes only IP addresses.
     """
     if (extauthz_port is None) == (extauthz_unix is None):
         raise ValueError("pass exactly one of extauthz_port and extauthz_unix")
+    if hosts and extauthz_unix is not None and "extauthz" in hosts:
+        raise ValueError("hosts['extauthz'] names a TCP host, but extauthz_unix was given")
     if missing := {"ca", "cert", "key"} - certs.keys():
         raise ValueError(f"certs is missing {sorted(missing)}")
 
@@ -120,6 +155,7 @@ def render_sidecar(
         raise ValueError(f"{template}: no admin.address.socket_address") from None
 
     listener = _named(config, "listeners", "inbound", template)
+    listener["address"]["socket_address"]["address"] = listen_address
     listener["address"]["socket_address"]["port_value"] = listen_port
     _set_tls_files(listener, certs, template, "inbound")
 
@@ -133,6 +169,10 @@ def render_sidecar(
     _endpoint(config, "upstream", template)["address"]["socket_address"]["port_value"] = (
         upstream_port
     )
+    if extauthz_tls is not None:
+        _named(config, "clusters", "extauthz", template)["transport_socket"] = extauthz_tls_socket(
+            **extauthz_tls
+        )
 
     if collector_port is not None:
         _endpoint(config, _COLLECTOR, template)["address"]["socket_address"]["port_value"] = (
@@ -159,7 +199,43 @@ def render_sidecar(
             raise ValueError(f"{template}: no ext_authz typed_per_filter_config on 'inbound'")
         for s in settings:
             s["context_extensions"] = dict(context_extensions)
+
+    for cluster, host in (hosts or {}).items():
+        _endpoint(config, cluster, template)["address"]["socket_address"]["address"] = host
+        if not _is_ip(host):
+            _named(config, "clusters", cluster, template)["type"] = "STRICT_DNS"
     return config
+
+
+def extauthz_tls_socket(
+    *, ca: Path, san: str, cert: Path | None = None, key: Path | None = None
+) -> dict[str, Any]:
+    """The ``extauthz`` cluster's transport socket for TLS to extauthz (the block in
+    docs/envoy.md): HTTP/2 by ALPN, extauthz's certificate checked against ``ca`` with the
+    DNS SAN ``san``, and with ``cert``/``key`` Envoy's client certificate (mTLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("extauthz_tls: cert and key go together")
+    common: dict[str, Any] = {"alpn_protocols": ["h2"]}  # gRPC servers refuse TLS without h2
+    if cert is not None and key is not None:
+        common["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": str(Path(cert).absolute())},
+                "private_key": {"filename": str(Path(key).absolute())},
+            }
+        ]
+    common["validation_context"] = {
+        "trusted_ca": {"filename": str(Path(ca).absolute())},
+        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": san}}],
+    }
+    return {
+        "name": _TLS_SOCKET,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+            ".UpstreamTlsContext",
+            "sni": san,
+            "common_tls_context": common,
+        },
+    }
 
 
 def render_front_proxy(
@@ -215,6 +291,44 @@ def render_front_proxy(
         raise ValueError(f"upstream_ports has no port for cluster(s) {sorted(unset)}")
     for name, port in upstream_ports.items():
         _endpoint(config, name, template)["address"]["socket_address"]["port_value"] = port
+    return config
+
+
+def render_workers(
+    template: Path,
+    *,
+    listen_port: int,
+    admin_port: int,
+    extauthz_addresses: Sequence[str],
+    upstream_port: int,
+) -> dict[str, Any]:
+    """Adapt ``envoy/workers.yaml`` to a local run: one ``extauthz`` endpoint per address of
+    ``extauthz_addresses`` (``127.0.0.1:PORT`` or ``unix:/path``, one per worker), the
+    listener ``ingress`` and the single endpoint of ``upstream`` on the given ports."""
+    if not extauthz_addresses:
+        raise ValueError("extauthz_addresses must name at least one worker")
+    config = load_config(template)
+    try:
+        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    except (KeyError, TypeError):
+        raise ValueError(f"{template}: no admin.address.socket_address") from None
+    listener = _named(config, "listeners", "ingress", template)
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    _endpoint(config, "upstream", template)["address"]["socket_address"]["port_value"] = (
+        upstream_port
+    )
+    endpoints: list[dict[str, Any]] = []
+    for address in extauthz_addresses:
+        where: dict[str, Any]
+        if address.startswith("unix:"):
+            _check_unix_path(address.removeprefix("unix:"))
+            where = {"pipe": {"path": address.removeprefix("unix:")}}
+        else:
+            host, _, port = address.rpartition(":")
+            where = {"socket_address": {"address": host, "port_value": int(port)}}
+        endpoints.append({"endpoint": {"address": where}})
+    cluster = _named(config, "clusters", "extauthz", template)
+    cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": endpoints}]
     return config
 
 
@@ -433,6 +547,14 @@ def _set_tls_files(
             tls_cert["private_key"] = {"filename": key}
         ctx["tls_certificates"] = tls_certificates
         ctx.setdefault("validation_context", {})["trusted_ca"] = {"filename": ca}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_unix_path(path: str) -> None:

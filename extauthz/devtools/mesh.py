@@ -22,17 +22,20 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from . import devcli
 from .envoy import EnvoyProcess, free_port, render_sidecar
 from .idp import DevIdP
-from .pki import DevCA, write_pki
+from .pki import DevCA
 from .upstream import EchoServer
 
 REPO = Path(__file__).resolve().parents[2]
 SIDECAR_TEMPLATE = REPO / "envoy" / "sidecar.yaml"
 EXAMPLE_POLICIES = REPO / "policies"
-TRUST_DOMAIN = "demo.local"
-NAMESPACE = "shop"
-ISSUER = "https://idp.demo.local"
+TRUST_DOMAIN = devcli.DEFAULT_TRUST_DOMAIN
+NAMESPACE = devcli.DEFAULT_NAMESPACE
+ISSUER = devcli.DEFAULT_ISSUER
+# The name in extauthz's server certificate that the sidecars check (with extauthz_tls).
+EXTAUTHZ_DNS = "extauthz.extauthz-system.svc"
 JWKS_FILE = "demo-idp.jwks.json"
 
 
@@ -69,14 +72,22 @@ class Mesh:
     # An OTLP/gRPC collector on 127.0.0.1 for extauthz's and the sidecars' traces and
     # metrics; None: extauthz exports nothing, the sidecars try the template's port.
     collector_port: int | None = None
+    # TLS between the sidecars and extauthz: extauthz serves a certificate from the mesh's CA
+    # (SANs 127.0.0.1 and EXTAUTHZ_DNS) and requires each sidecar's SVID as client certificate.
+    extauthz_tls: bool = False
     idp: DevIdP = field(default_factory=lambda: DevIdP.create(ISSUER))
+    # Sidecar listen ports by workload name; a workload left out gets a free port.
+    ports: Mapping[str, int] = field(default_factory=dict)
+    # Files added to the copy of ``policies`` before extauthz starts: relative path -> YAML.
+    extra_policies: Mapping[str, str] = field(default_factory=dict)
     services: dict[str, Workload] = field(default_factory=dict)
     extauthz_port: int = 0
     _extauthz: subprocess.Popen[bytes] | None = None
     _certs: dict[str, Path] = field(default_factory=dict)
+    _ca: DevCA | None = None
 
     def spiffe_id(self, name: str) -> str:
-        return f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{name}"
+        return devcli.spiffe_id(TRUST_DOMAIN, NAMESPACE, name)
 
     @property
     def policy_dir(self) -> Path:
@@ -96,13 +107,20 @@ class Mesh:
 
     def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        names = [*self.workloads, *self.clients]
-        self._certs = write_pki(
+        self._ca = ca = DevCA.create(TRUST_DOMAIN)
+        # The code path of `extauthz certs`: what the README shows is what runs here.
+        self._certs = devcli.write_svids(
             self.workdir / "certs",
-            TRUST_DOMAIN,
-            {n: self.spiffe_id(n) for n in names},
+            [*self.workloads, *self.clients],
+            domain=TRUST_DOMAIN,
+            namespace=NAMESPACE,
             dns_names=["localhost"],
+            ca=ca,
         )
+        if self.extauthz_tls:
+            if self.unix_socket:
+                raise ValueError("extauthz_tls: TLS over the Unix socket is not supported")
+            self.issue_extauthz_cert(ca)
         # A caller whose certificate chains to another CA: Envoy must refuse the handshake.
         rogue = DevCA.create(TRUST_DOMAIN).issue_svid(self.spiffe_id("frontend"))
         (self.workdir / "certs" / "rogue.pem").write_bytes(rogue.cert_pem)
@@ -110,7 +128,11 @@ class Mesh:
         if self.policy_dir.exists():
             shutil.rmtree(self.policy_dir)
         shutil.copytree(self.policies, self.policy_dir)
-        (self.policy_dir / JWKS_FILE).write_text(self.idp.jwks())
+        devcli.write_jwks(self.idp, self.policy_dir / JWKS_FILE)
+        for relative, text in self.extra_policies.items():
+            path = self.policy_dir / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
         self.start_extauthz()
         for name in self.workloads:
             self._start_workload(name)
@@ -121,6 +143,56 @@ class Mesh:
         if self.unix_socket:
             return f"unix:{self.workdir / 'extauthz.sock'}"
         return f"127.0.0.1:{self.extauthz_port}"
+
+    def issue_extauthz_cert(self, ca: DevCA | None = None) -> None:
+        """Write extauthz's server certificate and key from the mesh's CA (again: a rotation,
+        picked up at the next handshake); ``ca``: another's, for a certificate sidecars refuse."""
+        ca = ca or self._ca
+        if ca is None:
+            raise RuntimeError("the mesh has no CA before it starts")
+        pair = ca.issue_cert(
+            common_name="extauthz", dns_names=[EXTAUTHZ_DNS], ip_addresses=["127.0.0.1"]
+        )
+        certs = self.workdir / "certs"
+        # Each file replaced whole, as cert-manager and SPIRE do: never a half-written one.
+        for name, data in (("extauthz.pem", pair.cert_pem), ("extauthz-key.pem", pair.key_pem)):
+            (certs / f".{name}.tmp").write_bytes(data)
+            os.replace(certs / f".{name}.tmp", certs / name)
+        self._certs["extauthz"] = certs / "extauthz.pem"
+        self._certs["extauthz-key"] = certs / "extauthz-key.pem"
+
+    def _tls_args(self) -> list[str]:
+        if not self.extauthz_tls:
+            return []
+        return [
+            "--tls-cert",
+            str(self._certs["extauthz"]),
+            "--tls-key",
+            str(self._certs["extauthz-key"]),
+            "--tls-client-ca",
+            str(self._certs["ca"]),
+        ]
+
+    def extauthz_credentials(self, caller: str) -> grpc.ChannelCredentials | None:
+        """gRPC credentials to reach extauthz as ``caller``'s SVID (None: plaintext)."""
+        if not self.extauthz_tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._certs["ca"].read_bytes(),
+            private_key=self._certs[f"{caller}-key"].read_bytes(),
+            certificate_chain=self._certs[caller].read_bytes(),
+        )
+
+    def extauthz_tls_files(self, caller: str | None) -> dict[str, Any] | None:
+        """``render_sidecar(extauthz_tls=)`` for a sidecar presenting ``caller``'s SVID to
+        extauthz (None: no client certificate); None without extauthz_tls."""
+        if not self.extauthz_tls:
+            return None
+        files: dict[str, Any] = {"ca": self._certs["ca"], "san": EXTAUTHZ_DNS}
+        if caller is not None:
+            certs = self.workdir / "certs"
+            files.update(cert=certs / f"{caller}.pem", key=certs / f"{caller}-key.pem")
+        return files
 
     def start_extauthz(self) -> None:
         """Start extauthz (again, after a stop or kill: on the same address Envoy knows)."""
@@ -151,6 +223,7 @@ class Mesh:
                 str(self.policy_dir),
                 # envoy/sidecar.yaml sets x-forwarded-client-cert itself (SANITIZE_SET).
                 "--trust-xfcc",
+                *self._tls_args(),
                 *self.extauthz_args,
             ],
             stdout=log,
@@ -158,11 +231,16 @@ class Mesh:
             env=env,
         )
         log.close()
-        wait_serving(self.extauthz_target, self._extauthz, self.extauthz_log)
+        wait_serving(
+            self.extauthz_target,
+            self._extauthz,
+            self.extauthz_log,
+            credentials=self.extauthz_credentials([*self.workloads, *self.clients][0]),
+        )
 
     def _start_workload(self, name: str) -> None:
         upstream = EchoServer(name).start()
-        port, admin = free_port(), free_port()
+        port, admin = self.ports.get(name) or free_port(), free_port()
         config = render_sidecar(
             SIDECAR_TEMPLATE,
             listen_port=port,
@@ -178,6 +256,7 @@ class Mesh:
             context_extensions={"namespace": NAMESPACE, "labels": f"app={name}"},
             collector_port=self.collector_port,
             service_name=name,
+            extauthz_tls=self.extauthz_tls_files(name),
         )
         envoy = EnvoyProcess(config, workdir=self.workdir, admin_port=admin)
         self.services[name] = Workload(name, self.spiffe_id(name), port, upstream, envoy)
@@ -261,10 +340,18 @@ def wait_serving(
     proc: subprocess.Popen[bytes] | None = None,
     log: Path | None = None,
     timeout: float = 20.0,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
-    """Poll grpc.health.v1 until extauthz reports SERVING; fail fast if it exited."""
+    """Poll grpc.health.v1 until extauthz reports SERVING (over TLS with ``credentials``);
+    fail fast if it exited."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    channel = (
+        grpc.secure_channel(target, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(target)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc is not None and proc.poll() is not None:

@@ -165,6 +165,7 @@ def write_pki(
     workloads: Mapping[str, str],
     *,
     dns_names: Sequence[str] = (),
+    ca: DevCA | None = None,
 ) -> dict[str, Path]:
     """Create a CA and one SVID per workload (name -> SPIFFE ID) under ``out_dir``.
 
@@ -172,6 +173,7 @@ def write_pki(
     file stem -> path for everything written, e.g. ``{"ca": ..., "web": ..., "web-key": ...}``.
     The CA key is not written: nothing should be able to mint more certs from disk.
     ``dns_names`` go into every SVID (e.g. ``localhost``, so curl can verify a sidecar).
+    ``ca`` issues them (default: a new one), for a caller that issues more certificates later.
     """
     paths = {"ca": out_dir / "ca.pem"}
     for name in workloads:
@@ -182,7 +184,7 @@ def write_pki(
                 raise ValueError(f"workload name {name!r} collides with another output file")
             paths[stem] = out_dir / f"{stem}.pem"
 
-    ca = DevCA.create(trust_domain)
+    ca = ca or DevCA.create(trust_domain)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths["ca"].write_bytes(ca.cert_pem)
     for name, spiffe_id in workloads.items():

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import signal
+import sys
 import threading
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -59,3 +63,31 @@ class EchoServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m extauthz.devtools.upstream",
+        description="Echo upstream on 127.0.0.1 (development only): the workload behind a "
+        "sidecar that shares its network namespace, as in the compose demo.",
+    )
+    ap.add_argument("--name", required=True, help="the service name it reports")
+    ap.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    server = EchoServer(args.name, args.port).start()
+    stop = threading.Event()
+    # As a container's PID 1 the kernel ignores SIGTERM without a handler.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"echo upstream {args.name!r} on 127.0.0.1:{server.port}", flush=True)
+    stop.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
