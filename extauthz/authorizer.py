@@ -10,11 +10,11 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import replace
 from typing import Any
 
 from .config import Settings
-from .decision import Decision, Header, Outcome, new_decision_id
+from .decision import NO_CLAIMS as _NO_CLAIMS
+from .decision import Decision, DenyResponse, Header, Outcome, new_decision_id
 from .errors import (
     ExtAuthzError,
     IdentityError,
@@ -28,9 +28,9 @@ from .errors import (
 )
 from .identity import peer as peer_identity
 from .identity import spiffe
-from .identity.jwt import ClaimToHeader, VerifiedToken, claim_value
+from .identity.jwt import VerifiedToken
 from .identity.mint import TokenMinter, TokenSpec, request_audience, token_header
-from .policy.engine import PolicySet, WorkloadPolicies
+from .policy.engine import PolicySet, Verdict, WorkloadPolicies
 from .policy.explain import Explanation, explain_policies
 from .policy.model import Attributes, Target
 from .request import CheckInput
@@ -43,7 +43,10 @@ _NO_TARGETS: frozenset[Target] = frozenset()
 _TARGET_KINDS = (("service", "Service"), ("gateway", "Gateway"))
 # A shed Check is worth retrying soon: the load that shed it is measured in milliseconds.
 _RETRY_AFTER: tuple[Header, ...] = (("retry-after", "1"),)
-_CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F)) - {"\t"}
+_MEMO_SIZE = 8192  # remembered decisions in all (~1 KB each); all forgotten past it
+# A remembered decision and the peer and token it was made for.
+_Seen = tuple[peer_identity.Peer | None, VerifiedToken | None, Decision]
+_DENY_MESSAGES = {"denied_by_policy": "a DENY policy matched"}  # else no ALLOW matched
 
 
 class Authorizer:
@@ -55,15 +58,21 @@ class Authorizer:
         settings: Settings | None = None,
         *,
         minter: TokenMinter | None = None,
+        remember: bool = True,
     ) -> None:
         self._policies = policies
         self.settings = settings or Settings()
+        # False: every request is decided from the policies (benchmarks compare the two).
+        self.remember = remember
         # Signs the tokens ``token:`` rules ask for; None: such rules fail closed (503).
         self.minter = minter
         # Headers only extauthz may set upstream: its SPIFFE ID header, and XFCC unless it is
         # trusted (then Envoy set it). A caller's copy is removed when extauthz sets none.
         untrusted = () if self.settings.trust_xfcc else (peer_identity.XFCC_HEADER,)
         self._own_headers = frozenset({self.settings.spiffe_id_header, *untrusted})
+        # Decisions by workload (id -> the workload, its memo): see _check.
+        self._memos: dict[int, tuple[WorkloadPolicies, dict[tuple[Any, ...], _Seen]]] = {}
+        self._remembered = 0
 
     @property
     def policies(self) -> PolicySet:
@@ -72,6 +81,8 @@ class Authorizer:
     def swap(self, policies: PolicySet) -> None:
         """Install a new compiled set; in-flight checks finish on the one they started with."""
         self._policies = policies
+        self._memos.clear()  # the old set's workloads: never asked for again
+        self._remembered = 0
 
     def refuse(self, exc: ExtAuthzError, decision_id: str = "") -> Decision:
         """The deny for an error: 401 for identity failures, 503 when extauthz's own
@@ -170,8 +181,7 @@ class Authorizer:
             if refresh is not None and isinstance(exc, TokenError) and exc.refresh is not None:
                 refresh.append(exc.refresh)
             namespace, principal, spiffe_id = self._known_before(inp)
-            return replace(
-                self.refuse(exc, decision_id),
+            return self.refuse(exc, decision_id).replace(
                 policy_revision=policies.revision,
                 namespace=namespace,
                 principal=principal,
@@ -212,7 +222,8 @@ class Authorizer:
             or _namespace_of(inp.destination_principal)
         )
         labels = ext.get("labels", self.settings.workload_labels)
-        if "service" not in ext and "gateway" not in ext:
+        # get(), not ``in``: a Headers view's get is the protobuf map's own, in C
+        if ext.get("service") is None and ext.get("gateway") is None:
             return namespace, labels, _NO_TARGETS
         targets = frozenset((kind, ext[key]) for key, kind in _TARGET_KINDS if ext.get(key))
         return namespace, labels, targets
@@ -236,46 +247,74 @@ class Authorizer:
             token: VerifiedToken | None = workload.verifier.assume(claims)
         else:
             token = None if _is_cors_preflight(inp) else workload.verifier.verify(inp)
+        if trace is None and claims is None and workload.memo_headers is not None and self.remember:
+            # Everything the policies read is in the key: a decision seen before is reused
+            # with a new id. The token is verified above every time (expiry, key rotation).
+            memo = self._memo(workload)
+            key = (
+                id(peer),
+                id(token),
+                inp.method,
+                inp.host,
+                inp.path,
+                *map(inp.headers.get, workload.memo_headers),
+            )
+            seen = memo.get(key)
+            # The entry holds the peer and token it was made for, so their ids stay theirs.
+            if seen is not None and seen[0] is peer and seen[1] is token:
+                return _again(seen[2], decision_id)
+            decision = self._by_policy(inp, workload, peer, token, namespace, policies, decision_id)
+            self._remembered += 1
+            if self._remembered > _MEMO_SIZE:  # bounded for the process: forget them all
+                self._memos.clear()
+                self._remembered = 1
+                memo = self._memo(workload)
+            memo[key] = (peer, token, decision)
+            return decision
+        return self._by_policy(inp, workload, peer, token, namespace, policies, decision_id, trace)
+
+    def _memo(self, workload: WorkloadPolicies) -> dict[tuple[Any, ...], _Seen]:
+        """This authorizer's remembered decisions for ``workload`` (its settings shape them)."""
+        found = self._memos.get(id(workload))
+        if found is not None and found[0] is workload:
+            return found[1]
+        memo: dict[tuple[Any, ...], _Seen] = {}
+        self._memos[id(workload)] = (workload, memo)
+        return memo
+
+    def _by_policy(
+        self,
+        inp: CheckInput,
+        workload: WorkloadPolicies,
+        peer: peer_identity.Peer | None,
+        token: VerifiedToken | None,
+        namespace: str | None,
+        policies: PolicySet,
+        decision_id: str,
+        trace: _Trace | None = None,
+    ) -> Decision:
+        """The decision of ``workload``'s policies once the caller is identified."""
         attrs = Attributes(
             inp,
             principal=peer.principal if peer else None,
             token=token,
-            remote_ip=_remote_ip(inp, self.settings.xff_trusted_hops),
+            trusted_hops=self.settings.xff_trusted_hops,
         )
         if trace is not None:
             trace.attrs, trace.workload = attrs, workload
         verdict = workload.evaluate(attrs)
-        shadow = verdict.dry_run
-        common: dict[str, Any] = {
-            "policy": verdict.policy,
-            "rule": verdict.rule,
-            "audit": verdict.audit,
-            "dry_run_allowed": shadow.allowed if shadow else None,
-            "dry_run_policy": shadow.policy if shadow else "",
-            "spiffe_id": peer.spiffe.uri if peer and peer.spiffe else "",
-            "principal": peer.principal if peer else "",
-            "issuer": token.issuer if token else "",
-            "subject": token.subject if token else "",
-            "audiences": token.audiences if token else (),
-            "policy_revision": policies.revision,
-            "identity_source": peer.source if peer else "",
-            "namespace": namespace or "",
-        }
-        if token is not None:
-            common["claims"] = token.claims
+        sid = peer.spiffe if peer is not None else None
+        spiffe_id = sid.uri if sid is not None else ""
+        # What every outcome from here records besides its own answer (see _decision).
+        basis = (decision_id, verdict, spiffe_id, peer, token, policies.revision, namespace)
         if not verdict.allowed:
-            message = (
-                "a DENY policy matched"
-                if verdict.reason == "denied_by_policy"
-                else "no ALLOW policy matched"
-            )
-            return Decision(
+            message = _DENY_MESSAGES.get(verdict.reason, "no ALLOW policy matched")
+            return _decision(
                 Outcome.PERMISSION_DENIED,
                 verdict.reason,
                 message,
-                decision_id,
+                *basis,
                 deny_response=verdict.deny_response,
-                **common,
             )
         minted: Header | None = None
         audience = ""
@@ -284,19 +323,25 @@ class Authorizer:
                 audience, minted = self._mint(verdict.token, inp, peer, token, cached=trace is None)
             except ExtAuthzError as exc:
                 # The rule allowed, but not without the token it promised the upstream.
-                return replace(self.refuse(exc, decision_id), **common)
+                refused = self.refuse(exc, decision_id)
+                return _decision(
+                    refused.outcome,
+                    refused.reason,
+                    refused.message,
+                    *basis,
+                    client_headers=refused.client_headers,
+                )
         upstream, remove = self._upstream_headers(
-            workload, peer, token, decision_id, verdict.headers, minted
+            workload, spiffe_id, token, decision_id, verdict.headers, minted
         )
-        return Decision(
+        return _decision(
             Outcome.ALLOW,
             verdict.reason,
             "allowed",
-            decision_id,
-            upstream_headers=upstream,
-            remove_headers=remove,
+            *basis,
+            upstream,
+            remove,
             token_audience=audience,
-            **common,
         )
 
     def _mint(
@@ -334,22 +379,19 @@ class Authorizer:
     def _upstream_headers(
         self,
         workload: WorkloadPolicies,
-        peer: peer_identity.Peer | None,
+        spiffe_id: str,
         token: VerifiedToken | None,
         decision_id: str,
         rule_headers: tuple[Header, ...],
         minted: Header | None = None,
     ) -> tuple[tuple[Header, ...], tuple[str, ...]]:
-        managed = workload.identity_headers | self._own_headers
+        managed = workload.managed_headers(self._own_headers)
         # A policy's static header never stands in for an identity header left unset.
-        out: list[Header] = [h for h in rule_headers if h[0] not in managed]
+        out: list[Header] = [h for h in rule_headers if h[0] not in managed] if rule_headers else []
         remove: list[str] = []
         if token is not None:
             provider = token.provider
-            for item in provider.output_claim_to_headers:
-                value = _claim_header_value(token.claims, item)
-                if value is not None:
-                    out.append((item.header, value))
+            out.extend(token.claim_headers)
             if provider.output_payload_to_header:
                 out.append((provider.output_payload_to_header, token.payload_segment))
             if token.location.kind == "header":
@@ -365,13 +407,81 @@ class Authorizer:
             out.append(minted)
         # Written last so that they win even if a claim header had the same name.
         out.append((DECISION_ID_HEADER, decision_id))
-        if peer is not None and peer.spiffe is not None:
-            out.append((self.settings.spiffe_id_header, peer.spiffe.uri))
+        if spiffe_id:
+            out.append((self.settings.spiffe_id_header, spiffe_id))
         # Strip every identity header a caller could have forged and we did not set.
-        written = {k for k, _ in out}
-        remove.extend(sorted(managed - written))
+        written = dict(out)  # names (the pairs' keys), built in C
+        forged = managed.difference(written)
+        if forged:
+            remove.extend(sorted(forged))
         # Envoy removes after it sets: a header both written and removed would be lost.
-        return tuple(out), tuple(h for h in remove if h not in written)
+        if any(h in written for h in remove):
+            remove = [h for h in remove if h not in written]
+        return tuple(out), tuple(remove)
+
+
+_ID = Decision._fields.index("decision_id")
+_UPSTREAM = Decision._fields.index("upstream_headers")
+
+
+def _again(seen: Decision, decision_id: str) -> Decision:
+    """A remembered decision under a new id (also in the upstream header that carries it)."""
+    fields = list(seen)
+    fields[_ID] = decision_id
+    upstream = seen.upstream_headers
+    if upstream:
+        entry = (DECISION_ID_HEADER, seen.decision_id)
+        fields[_UPSTREAM] = tuple(
+            (DECISION_ID_HEADER, decision_id) if h == entry else h for h in upstream
+        )
+    return Decision._make(fields)
+
+
+def _decision(
+    outcome: Outcome,
+    reason: str,
+    message: str,
+    decision_id: str,
+    verdict: Verdict,
+    spiffe_id: str,
+    peer: peer_identity.Peer | None,
+    token: VerifiedToken | None,
+    revision: str,
+    namespace: str | None,
+    upstream: tuple[Header, ...] = (),
+    remove: tuple[str, ...] = (),
+    *,
+    client_headers: tuple[Header, ...] = (),
+    deny_response: DenyResponse | None = None,
+    token_audience: str = "",
+) -> Decision:
+    """A decision reached by policy: the verdict's, the caller's and the token's fields."""
+    shadow = verdict.dry_run
+    return Decision(
+        outcome,
+        reason,
+        message,
+        decision_id,
+        verdict.policy,
+        verdict.rule,
+        verdict.audit,
+        shadow.allowed if shadow is not None else None,
+        shadow.policy if shadow is not None else "",
+        spiffe_id,
+        peer.principal if peer is not None else "",
+        token.issuer if token is not None else "",
+        token.subject if token is not None else "",
+        revision,
+        upstream,
+        remove,
+        client_headers,
+        deny_response,
+        token_audience,
+        peer.source if peer is not None else "",
+        namespace or "",
+        token.audiences if token is not None else (),
+        token.claims if token is not None else _NO_CLAIMS,
+    )
 
 
 class _Trace:
@@ -410,35 +520,6 @@ def _is_cors_preflight(inp: CheckInput) -> bool:
     # Browsers send preflights without credentials; Envoy's jwt_authn lets them through.
     h = inp.headers
     return inp.method == "OPTIONS" and "origin" in h and "access-control-request-method" in h
-
-
-def _remote_ip(inp: CheckInput, trusted_hops: int) -> str:
-    """Istio's ``remote.ip``: the client address behind ``trusted_hops`` trusted proxies."""
-    if trusted_hops <= 0:
-        return inp.source_ip
-    xff = [a.strip() for a in inp.headers.get("x-forwarded-for", "").split(",") if a.strip()]
-    if len(xff) <= trusted_hops:
-        # Fewer entries than trusted proxies: nothing in XFF is trustworthy (Envoy's rule).
-        return inp.source_ip
-    return xff[-trusted_hops - 1]
-
-
-def _claim_header_value(claims: Mapping[str, Any], claim: ClaimToHeader) -> str | None:
-    """A string/int/bool claim as a header value; None if absent, another type or unsafe."""
-    value = claims[claim.name] if claim.name in claims else claim_value(claims, claim.path)
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, int | str):
-        text = str(value)
-    else:
-        return None
-    if any(ch in _CONTROL for ch in text):
-        return None  # CR/LF or NUL in a claim must never reach an upstream header
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return None  # a lone surrogate ("\ud800") cannot go into a header at all
-    return text
 
 
 def _www_authenticate(reason: str) -> Header:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Outcome(Enum):
@@ -24,7 +24,7 @@ class Outcome(Enum):
 
 
 Header = tuple[str, str]
-_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +37,7 @@ class DenyResponse:
     content_type: str
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """One authorization decision and everything it asks Envoy to do.
 
     ``upstream_headers``/``remove_headers`` apply on allow (to the request going upstream);
@@ -50,6 +49,10 @@ class Decision:
     the decision log (claims are left out of equality and repr: they are request data).
     ``namespace`` is the protected workload's (the one whose policies decided), ``audiences``
     the verified token's ``aud``: both for telemetry.
+
+    A NamedTuple rather than a frozen dataclass: it is built on every Check, and a tuple is
+    built in one step (a frozen dataclass sets each of its 23 fields with
+    ``object.__setattr__``: ~5 µs). ``claims`` stays last: equality and repr skip it.
     """
 
     outcome: Outcome
@@ -74,11 +77,33 @@ class Decision:
     identity_source: str = ""
     namespace: str = ""
     audiences: tuple[str, ...] = ()
-    claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS, compare=False, repr=False)
+    claims: Mapping[str, Any] = NO_CLAIMS
 
     @property
     def allowed(self) -> bool:
         return self.outcome is Outcome.ALLOW
+
+    def replace(self, **changes: Any) -> Decision:
+        """A copy with ``changes`` (the fields by name)."""
+        return self._replace(**changes)
+
+    # Claims are request data: left out of equality and repr, as before.
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return self[:-1] == other[:-1]
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self[:-1])
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={value!r}" for name, value in zip(self._fields[:-1], self[:-1], strict=True)
+        )
+        return f"Decision({shown})"
 
 
 def new_decision_id() -> str:

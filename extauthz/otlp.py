@@ -32,6 +32,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 
+from .wire import length_prefixed as _length
+from .wire import varint as _varint
+
 log = logging.getLogger(__name__)
 
 _KIND = {
@@ -188,25 +191,6 @@ def _other_attribute(key: str, value: Any) -> bytes:
         log.exception("cannot encode span attribute %s", key)
         return b""
     return _ATTRIBUTE + _length(kv.SerializeToString())
-
-
-_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _ONE_BYTE[n]  # nearly every length and count
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _length(payload: bytes) -> bytes:
-    """``payload`` prefixed by its length."""
-    return _varint(len(payload)) + payload
 
 
 def _set_attributes(into: Any, attributes: Mapping[str, Any] | None) -> None:

@@ -329,6 +329,11 @@ class Telemetry:
             "rate_limited)",
         )
 
+    @property
+    def makes_spans(self) -> bool:
+        """Whether :meth:`record` may make a span (and so reads the Check's metadata)."""
+        return self._parent is not None and bool(self._processors)
+
     def add_span_processor(self, processor: SpanProcessor) -> None:
         """Send decision spans to ``processor`` too (tests add in-memory ones)."""
         if self.provider is None:

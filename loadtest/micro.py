@@ -1,17 +1,27 @@
 """Per-decision Python time: CheckRequest bytes → decode → decide → encode → bytes.
 
-No gRPC and no network: this is the part of a Check that is extauthz's own code (the gRPC
-runtime adds ~130 µs of CPU per call on a 2-core machine, see shared field notes). Requests
-are realistic: an mTLS principal, ~20 headers, and for the JWT cases an ES256 Bearer token
-against the example policies, once as a hot token (a verified-token cache hit) and once with
-the cache off (a full ES256 verification on every call).
+Issue 8's measure: the part of a Check that is extauthz's own code, with no gRPC and no
+network. Requests are realistic: an mTLS principal (SPIFFE), 20 browser headers, the example
+policies, and for the JWT cases an ES256 Bearer token, once hot (a verified-token cache hit)
+and once with the cache off (a full ES256 verification on every call).
 
-    python -m loadtest.micro [--rounds 7] [--n 2000]
+Then, per stage, what each adds to the cached-token decision: each row times the pipeline up
+to that stage on fresh objects (decode a new message every call, as the server does) and
+reports the difference to the row before, so the rows add up to the whole.
+
+With ``--grpc``, the same requests through a real ``extauthz serve`` (tracing and metrics
+off, as ``loadtest.tracing_cost`` measures it): the server's CPU time per Check, of which
+the per-decision time above is extauthz's share and the rest is the gRPC runtime's (its
+C core, the asyncio loop, grpc.aio's Python layer). ``--uvloop`` adds the same server on
+uvloop.
+
+    python -m loadtest.micro [--rounds 7] [--n 2000] [--grpc] [--uvloop] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import shutil
@@ -20,15 +30,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extauthz.authorizer import Authorizer
 from extauthz.devtools.idp import DevIdP
 from extauthz.devtools.mesh import EXAMPLE_POLICIES, ISSUER, JWKS_FILE
+from extauthz.identity import peer as peer_identity
 from extauthz.policy.engine import PolicySet
+from extauthz.policy.model import Attributes
 from extauthz.request import from_check_request
-from extauthz.response import to_check_response
+from extauthz.response import encode_check_response
+
+CACHED = "allow, ES256 JWT, token cache hit (frontend -> orders)"
+AFRESH = "the same, decided afresh (Authorizer(remember=False))"
+NO_TOKEN = "allow, no token (orders -> payments)"  # noqa: S105 (a case name)
 
 
 def browser_headers(authority: str, method: str, path: str) -> dict[str, str]:
@@ -76,9 +93,9 @@ def _request(principal: str, app: str, method: str, path: str, token: str | None
 
 
 def _once(authorizer: Authorizer, raw: bytes) -> bytes:
+    """What the server does per Check, minus gRPC and telemetry."""
     req = external_auth_pb2.CheckRequest.FromString(raw)
-    decision = authorizer.check(from_check_request(req))
-    return bytes(to_check_response(decision).SerializeToString())
+    return encode_check_response(authorizer.check(from_check_request(req)))
 
 
 def _measure(fn: Callable[[], object], n: int, rounds: int) -> list[float]:
@@ -91,10 +108,113 @@ def _measure(fn: Callable[[], object], n: int, rounds: int) -> list[float]:
     return per_call
 
 
+def _stages(authorizer: Authorizer, raw: bytes) -> list[tuple[str, Callable[[], object]]]:
+    """Cumulative pipelines: each one stage longer than the one before."""
+    decode = external_auth_pb2.CheckRequest.FromString
+    settings = authorizer.settings
+    check = authorizer.check
+
+    def identity() -> object:
+        inp = from_check_request(decode(raw))
+        workload = authorizer.policies.for_workload(*authorizer.workload(inp))
+        peer = peer_identity.resolve(inp, trust_xfcc=settings.trust_xfcc)
+        return inp, workload, peer, workload.verifier.verify(inp)
+
+    def policy() -> object:
+        inp, workload, peer, token = identity()  # type: ignore[misc]
+        attrs = Attributes(
+            inp,
+            principal=peer.principal if peer else None,
+            token=token,
+            trusted_hops=settings.xff_trusted_hops,
+        )
+        return workload.evaluate(attrs)
+
+    decide = (
+        "decision (the rest of Authorizer.check)",
+        lambda: check(from_check_request(decode(raw))),
+    )
+    if authorizer.remember:  # the policies are not evaluated: the decision is found
+        decide = ("decision (a remembered one: key, lookup, new id)", decide[1])
+    return [
+        ("decode (CheckRequest.FromString)", lambda: decode(raw)),
+        ("request model (from_check_request)", lambda: from_check_request(decode(raw))),
+        ("identity (workload, peer, token cache hit)", identity),
+        *([] if authorizer.remember else [("policy (Attributes, evaluate)", policy)]),
+        decide,
+        ("encode (encode_check_response)", lambda: _once(authorizer, raw)),
+    ]
+
+
+def _grpc(
+    cases: dict[str, bytes], policies: Path, rounds: int, n: int, uvloop: bool
+) -> dict[str, dict[str, float]]:
+    """Server CPU µs per Check, interleaved rounds: ``extauthz serve`` (tracing and metrics
+    off) and ``loadtest.bare_grpc`` (the runtime alone), on asyncio and optionally uvloop."""
+    import os
+    import subprocess
+    import sys
+
+    from extauthz.devtools.envoy import free_port
+    from extauthz.devtools.mesh import wait_serving
+    from loadtest import tracing_cost
+
+    loops = ("asyncio", "uvloop") if uvloop else ("asyncio",)
+    env = {
+        **os.environ,
+        **tracing_cost.BASE_ENV,
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",  # nothing is exported
+    }
+    out: dict[str, dict[str, float]] = {}
+    servers: list[tracing_cost.Server] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for loop in loops:
+                for what in ("extauthz serve", "bare grpc.aio"):
+                    port = free_port()
+                    if what == "bare grpc.aio":
+                        argv = ["-m", "loadtest.bare_grpc", str(port)]
+                        argv += ["--uvloop"] if loop == "uvloop" else []
+                    else:
+                        module = "loadtest.uvloop_serve" if loop == "uvloop" else "extauthz"
+                        argv = ["-m", module, "serve", "--listen", f"127.0.0.1:{port}"]
+                        argv += ["--policies", str(policies), "--reload-interval", "0"]
+                    log = Path(tmp) / f"{what}-{loop}.log"
+                    with log.open("wb") as sink:
+                        proc = subprocess.Popen(
+                            [sys.executable, *argv], stdout=sink, stderr=subprocess.STDOUT, env=env
+                        )
+                    config = tracing_cost.Config(f"{what}, {loop}", {})
+                    servers.append(tracing_cost.Server(config, port, proc, [()] * n))
+                    wait_serving(f"127.0.0.1:{port}", proc, log)
+            for name, raw in cases.items():
+                samples: dict[str, list[float]] = {s.config.name: [] for s in servers}
+                for server in servers:  # warm-up
+                    asyncio.run(tracing_cost.drive(server, raw, n, 16, 0.2))
+                for r in range(rounds):
+                    for server in servers[r % len(servers) :] + servers[: r % len(servers)]:
+                        _, cpu = asyncio.run(tracing_cost.drive(server, raw, n, 16, 0.3))
+                        samples[server.config.name].append(cpu)
+                for variant, values in samples.items():
+                    out[f"{name} [{variant}]"] = {
+                        "median_us": statistics.median(values),
+                        "min_us": min(values),
+                    }
+        finally:
+            for server in servers:
+                server.proc.terminate()
+            for server in servers:
+                server.proc.wait(10)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--grpc", action="store_true", help="also the server CPU per Check")
+    ap.add_argument("--uvloop", action="store_true", help="with --grpc: also on uvloop")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     idp = DevIdP.create(ISSUER)
@@ -103,43 +223,58 @@ def main() -> None:
         shutil.copytree(EXAMPLE_POLICIES, policies)
         (policies / JWKS_FILE).write_text(idp.jwks())
         authorizer = Authorizer(PolicySet.load(policies))
-        cold = Authorizer(PolicySet.load(policies))
-    # The token cache of the orders workload's verifier, off: every call verifies.
-    cold.policies.for_workload("shop", "app=orders").verifier.cache.max_entries = 0
-    token = idp.token("alice", audience="shop", ttl=3600)
-    # name -> (request, expected CheckResponse.status.code): a case that answers otherwise
-    # would time the wrong path, so it stops the run.
-    cases: dict[str, tuple[Authorizer, bytes, int]] = {
-        "allow, no token (orders -> payments)": (
-            authorizer,
-            _request("orders", "payments", "POST", "/payments/charge", None),
-            0,
-        ),
-        "deny, no token (frontend -> payments)": (
-            authorizer,
-            _request("frontend", "payments", "POST", "/payments/charge", None),
-            7,
-        ),
-        "allow, ES256 JWT, token cache hit (frontend -> orders)": (
-            authorizer,
-            _request("frontend", "orders", "GET", "/orders/42?expand=items", token),
-            0,
-        ),
-        "allow, ES256 JWT verified, cache off": (
-            cold,
-            _request("frontend", "orders", "GET", "/orders/42?expand=items", token),
-            0,
-        ),
-    }
-    results = {}
-    print(f"{'case':<55} {'median µs':>10} {'min µs':>8}")
-    for name, (auth, raw, expected) in cases.items():
-        code = external_auth_pb2.CheckResponse.FromString(_once(auth, raw)).status.code
-        if code != expected:
-            raise SystemExit(f"{name}: expected status {expected}, got {code}")
-        samples = _measure(lambda a=auth, raw=raw: _once(a, raw), args.n, args.rounds)
-        results[name] = {"median_us": statistics.median(samples), "min_us": min(samples)}
-        print(f"{name:<55} {statistics.median(samples):>10.1f} {min(samples):>8.1f}")
+        afresh = Authorizer(PolicySet.load(policies), remember=False)
+        cold = Authorizer(PolicySet.load(policies), remember=False)
+        # The token cache of the orders workload's verifier, off: every call verifies.
+        cold.policies.for_workload("shop", "app=orders").verifier.cache.max_entries = 0
+        token = idp.token("alice", audience="shop", ttl=3600)
+        hit = _request("frontend", "orders", "GET", "/orders/42?expand=items", token)
+        no_token = _request("orders", "payments", "POST", "/payments/charge", None)
+        # name -> (request, expected CheckResponse.status.code): a case that answers
+        # otherwise would time the wrong path, so it stops the run.
+        cases: dict[str, tuple[Authorizer, bytes, int]] = {
+            NO_TOKEN: (authorizer, no_token, 0),
+            "deny, no token (frontend -> payments)": (
+                authorizer,
+                _request("frontend", "payments", "POST", "/payments/charge", None),
+                7,
+            ),
+            CACHED: (authorizer, hit, 0),
+            AFRESH: (afresh, hit, 0),
+            "allow, ES256 JWT verified, cache off": (cold, hit, 0),
+        }
+        results: dict[str, Any] = {}
+        print(f"{'case':<55} {'median µs':>10} {'min µs':>8}")
+        for name, (auth, raw, expected) in cases.items():
+            code = external_auth_pb2.CheckResponse.FromString(_once(auth, raw)).status.code
+            if code != expected:
+                raise SystemExit(f"{name}: expected status {expected}, got {code}")
+            samples = _measure(lambda a=auth, raw=raw: _once(a, raw), args.n, args.rounds)
+            results[name] = {"median_us": statistics.median(samples), "min_us": min(samples)}
+            print(f"{name:<55} {statistics.median(samples):>10.1f} {min(samples):>8.1f}")
+        for name, auth in ((CACHED, authorizer), (AFRESH, afresh)):
+            print(f"\nwhere the time of '{name}' goes (median µs, each stage's own):")
+            pipelines = _stages(auth, hit)
+            timings: dict[str, list[float]] = {label: [] for label, _ in pipelines}
+            for _ in range(args.rounds):  # interleaved: a busy neighbour slows all alike
+                for label, fn in pipelines:
+                    timings[label] += _measure(fn, args.n, 1)
+            stages: dict[str, float] = {}
+            before = 0.0
+            for label, samples in timings.items():
+                upto = statistics.median(samples)
+                stages[label] = upto - before
+                print(f"  {label:<53} {upto - before:>10.1f}")
+                before = upto
+            results[f"stages ({name})"] = stages
+        if args.grpc:
+            print("\nthrough gRPC: server CPU µs per Check (16 callers, 1 channel, tracing off)")
+            print("(bare grpc.aio: a server answering constant bytes, the runtime's own cost)")
+            grpc_cases = {CACHED: hit, NO_TOKEN: no_token}
+            found = _grpc(grpc_cases, policies, args.rounds, args.n, args.uvloop)
+            for name, value in found.items():
+                print(f"  {name:<63} {value['median_us']:>10.1f} {value['min_us']:>8.1f}")
+            results["grpc server CPU per Check"] = found
     machine = (
         f"{platform.python_implementation()} {platform.python_version()}, {platform.machine()}"
     )

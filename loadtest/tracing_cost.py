@@ -109,7 +109,14 @@ def _metadata(sampled: float, n: int, rng: random.Random) -> list[tuple[tuple[st
 
 
 def start(
-    config: Config, policies: Path, endpoint: str, n: int, log: Path, env: Mapping[str, str]
+    config: Config,
+    policies: Path,
+    endpoint: str,
+    n: int,
+    log: Path,
+    env: Mapping[str, str],
+    *,
+    module: str = "extauthz",  # or loadtest.uvloop_serve
 ) -> Server:
     port = free_port()
     full = {
@@ -124,7 +131,7 @@ def start(
             [
                 sys.executable,
                 "-m",
-                "extauthz",
+                module,
                 "serve",
                 "--listen",
                 f"127.0.0.1:{port}",

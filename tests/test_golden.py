@@ -86,7 +86,8 @@ class _Context:
 def _decide(authorizer: Authorizer, request: Any) -> Any:
     """Through the real servicer (conversion, delegation, response), minus the network."""
     servicer = AuthorizationServicer(authorizer, Telemetry(None))
-    return asyncio.run(servicer.Check(request, _Context()))
+    answer = asyncio.run(servicer.Check(request, _Context()))
+    return external_auth_pb2.CheckResponse.FromString(answer)
 
 
 def _normalise(response: Any) -> Any:

@@ -112,7 +112,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     rec.input, claims=claims, policies=rec.policies
                 )
         # The replay is the recorded decision re-made: report it under the recorded id.
-        decision = replace(explanation.decision, decision_id=rec.decision.decision_id)
+        decision = explanation.decision.replace(decision_id=rec.decision.decision_id)
         return replace(explanation, decision=decision)
 
     async def PolicyStatus(

@@ -147,8 +147,12 @@ class CheckTarget:
         else:  # it awaited: only a JWKS refetch does, and this set has no remote keys
             coro.close()
             raise Violation("Check awaited with no remote keys to wait for")
-        if not isinstance(response, external_auth_pb2.CheckResponse):
-            raise Violation(f"answer is {type(response).__name__}, not a CheckResponse")
+        if not isinstance(response, bytes):
+            raise Violation(f"answer is {type(response).__name__}, not a serialized CheckResponse")
+        try:
+            response = external_auth_pb2.CheckResponse.FromString(response)
+        except DecodeError as exc:
+            raise Violation(f"answer does not parse as a CheckResponse: {exc}") from None
         code = response.status.code
         if code not in EXPECTED_CODES:
             raise Violation(f"unexpected status code {code}")

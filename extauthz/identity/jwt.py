@@ -15,12 +15,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from urllib.parse import parse_qsl
 
 import jwt
@@ -65,9 +66,11 @@ class Jwk:
     key: Any
 
 
-@dataclass(frozen=True, slots=True)
-class TokenLocation:
-    """Where a token may be: a header (with a value prefix), a query parameter or a cookie."""
+class TokenLocation(NamedTuple):
+    """Where a token may be: a header (with a value prefix), a query parameter or a cookie.
+
+    A NamedTuple: part of the verified-token cache's key, hashed on every lookup (in C).
+    """
 
     kind: Literal["header", "param", "cookie"]
     name: str
@@ -174,11 +177,44 @@ class VerifiedToken:
     location: TokenLocation
     payload_segment: str  # base64url payload, for outputPayloadToHeader; not a credential
     key_revision: int = 0  # of the provider's remote keys when verified: newer keys retire it
+    # The provider's outputClaimToHeaders, worked out once per verification: a cached token
+    # costs no claim lookups on later requests.
+    claim_headers: tuple[tuple[str, str], ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        headers = []
+        for item in self.provider.output_claim_to_headers:
+            value = claim_header_value(self.claims, item)
+            if value is not None:
+                headers.append((item.header, value))
+        object.__setattr__(self, "claim_headers", tuple(headers))
 
     @property
     def principal(self) -> str:
         """Istio's ``request.auth.principal``: ``<iss>/<sub>``."""
         return f"{self.issuer}/{self.subject}"
+
+
+# C0 controls and DEL, not tab: CR/LF or NUL in a claim must never reach an upstream header.
+_UNSAFE_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def claim_header_value(claims: Mapping[str, Any], claim: ClaimToHeader) -> str | None:
+    """A string/int/bool claim as a header value; None if absent, another type or unsafe."""
+    value = claims[claim.name] if claim.name in claims else claim_value(claims, claim.path)
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int | str):
+        text = str(value)
+    else:
+        return None
+    if _UNSAFE_IN_HEADER.search(text):
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None  # a lone surrogate ("\ud800") cannot go into a header at all
+    return text
 
 
 def claim_value(claims: Mapping[str, Any], path: Iterable[str]) -> Any:
@@ -363,6 +399,9 @@ class TokenVerifier:
                 seen.setdefault(loc, None)
         self.locations = tuple(seen)
         self._reads_params = any(loc.kind == "param" for loc in self.locations)
+        self._param_names = tuple(loc.name for loc in self.locations if loc.kind == "param")
+        # Each location, and whether it is the usual Authorization: Bearer (read inline).
+        self._plan = tuple((loc, loc == _AUTHORIZATION_BEARER) for loc in self.locations)
         # Headers extauthz writes for these providers: a caller must never supply them.
         self.output_headers = frozenset(
             [h.header for p in self.providers for h in p.output_claim_to_headers]
@@ -375,13 +414,21 @@ class TokenVerifier:
         if not self.locations:
             return None
         params: dict[str, list[str]] = {}
-        if self._reads_params and inp.query:
-            for name, value in parse_qsl(inp.query):
+        query = inp.query
+        # A parameter name we read decodes only from itself, a %-escape or a '+' (a space):
+        # any other query (the usual one) needs no parsing.
+        if self._reads_params and query and ("%" in query or "+" in query or self._param_in(query)):
+            for name, value in parse_qsl(query):
                 params.setdefault(name, []).append(value)
         cookies = _cookies(inp.headers.get("cookie", "")) if self._reads_cookies else {}
         found: tuple[str, TokenLocation] | None = None
-        for loc in self.locations:
-            token = _extract(loc, inp, params, cookies)
+        for loc, bearer in self._plan:
+            if bearer:
+                token = _bearer(inp.headers.get("authorization", ""))
+            elif loc.kind == "param" and not params:
+                continue
+            else:
+                token = _extract(loc, inp, params, cookies)
             if not token:
                 continue
             if found is None:
@@ -392,6 +439,9 @@ class TokenVerifier:
                     f"{loc.describe()}"
                 )
         return found
+
+    def _param_in(self, query: str) -> bool:
+        return any(name in query for name in self._param_names)
 
     def verify(self, inp: CheckInput) -> VerifiedToken | None:
         """Verify the request's token; None when it carries none. Raise TokenError if bad."""
@@ -522,6 +572,20 @@ def _cookies(header: str) -> dict[str, str]:
         if eq and name not in out:
             out[name] = value.strip('"')
     return out
+
+
+_AUTHORIZATION_BEARER = DEFAULT_LOCATIONS[0]
+_BEARER = len("Bearer ")
+
+
+def _bearer(value: str) -> str:
+    """``_extract`` for the usual location, ``Authorization: Bearer <token>``, inlined."""
+    if not value:
+        return ""
+    head = value[:_BEARER]
+    if head != "Bearer " and head.lower() != "bearer ":
+        return ""
+    return value[_BEARER:].strip()
 
 
 def _extract(

@@ -45,15 +45,20 @@ def resolve(inp: CheckInput, *, trust_xfcc: bool = False) -> Peer | None:
             return _from_xfcc(forwarded)
     principal = inp.source_principal
     if principal:
-        if principal.startswith(spiffe.SCHEME):
-            sid = spiffe.parse(principal)
-            return Peer(sid, sid.principal)
-        return Peer(None, principal)
+        return _from_principal(principal)
     if inp.peer_certificate:
         from_cert = spiffe.from_certificate(inp.peer_certificate)
         if from_cert is not None:
             return Peer(from_cert, from_cert.principal, "certificate")
     return None
+
+
+@lru_cache(maxsize=4096)  # a caller's principal repeats on every request it sends
+def _from_principal(principal: str) -> Peer:
+    if principal.startswith(spiffe.SCHEME):
+        sid = spiffe.parse(principal)  # raises for a malformed ID: not cached
+        return Peer(sid, sid.principal)
+    return Peer(None, principal)
 
 
 @lru_cache(maxsize=1024)  # a client's header repeats on every request it sends

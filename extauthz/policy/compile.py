@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -41,6 +42,8 @@ from ..identity.mint import (
 from .cel import compile_cel
 from .match import (
     BadValue,
+    RequestPrincipalMatcher,
+    StringMatcher,
     compile_ip_blocks,
     compile_namespaces,
     compile_path_templates,
@@ -583,7 +586,10 @@ def _on(get: Getter, make: Callable[[list[str]], Matcher]) -> Compiler:
     """Compile ``values`` with ``make`` once; test the attribute ``get`` reads per request."""
 
     def compile_(values: list[str], namespace: str | None) -> tuple[Test, Getter]:
-        match = make(values)
+        made = make(values)
+        match: Matcher = made
+        if isinstance(made, StringMatcher | RequestPrincipalMatcher):
+            match = made.function()
         return (lambda a: match(get(a))), get
 
     return compile_
@@ -627,8 +633,7 @@ def _service_account(value: str, namespace: str | None) -> str:
     return f"{namespace}/{value}"
 
 
-def _principal(a: Attributes) -> str | None:
-    return a.principal
+_principal: Getter = attrgetter("principal")  # in C: one Python frame fewer per test
 
 
 def _service_accounts(values: list[str], namespace: str | None) -> tuple[Test, Getter]:
@@ -642,7 +647,7 @@ def _exists(values: list[str]) -> Matcher:
 
 
 _PRINCIPAL = _on(_principal, compile_strings)
-_REQUEST_PRINCIPAL = _on(lambda a: a.request_principal, compile_request_principals)
+_REQUEST_PRINCIPAL = _on(attrgetter("request_principal"), compile_request_principals)
 _NAMESPACE = _on(_principal, compile_namespaces)
 _SOURCE_IP = _on(lambda a: a.source_ip, compile_ip_blocks)
 _REMOTE_IP = _on(lambda a: a.remote_ip, compile_ip_blocks)
@@ -658,12 +663,12 @@ _FIELDS: dict[str, Compiler] = {
     # Case-insensitive against the whole :authority; Istio does not strip the port, so
     # "example.com" does not match "example.com:8080" (write "example.com:*" too).
     "hosts": _on(
-        lambda a: a.inp.host,
+        attrgetter("inp.host"),
         lambda v: compile_strings(v, fold_case=True, star_matches_empty=True),
     ),
     "ports": _PORT,
-    "methods": _on(lambda a: a.inp.method, _exists),
-    "paths": _on(lambda a: a.inp.path, _paths),
+    "methods": _on(attrgetter("inp.method"), _exists),
+    "paths": _on(attrgetter("inp.path"), _paths),
 }
 
 _CONDITIONS: dict[str, Compiler] = {

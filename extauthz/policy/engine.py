@@ -11,9 +11,10 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 from ..decision import DenyResponse, Header
 from ..errors import PolicyError, PolicySetError, WorkloadUnknownError
@@ -39,9 +40,12 @@ DEFAULT_ROOT_NAMESPACE = "istio-system"
 _MAX_WORKLOADS = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The outcome of policy evaluation alone (identity already established)."""
+class Verdict(NamedTuple):
+    """The outcome of policy evaluation alone (identity already established).
+
+    A NamedTuple: built in one step, and the common ones (a rule's hit with no AUDIT policy
+    matching, no ALLOW policy) are built once per workload, at selection.
+    """
 
     allowed: bool
     reason: str
@@ -52,6 +56,17 @@ class Verdict:
     headers: tuple[Header, ...] = ()  # the allowing rule's extension headers
     token: TokenSpec | None = None  # the allowing rule's token to mint
     deny_response: DenyResponse | None = None
+
+
+def _hit(policy: AuthorizationPolicy, rule: Rule) -> Verdict:
+    """The verdict of a DENY or ALLOW rule that matched (no AUDIT policy matching)."""
+    if policy.action is Action.DENY:
+        return Verdict(
+            False, "denied_by_policy", policy.key, rule.name, deny_response=policy.deny_response
+        )
+    return Verdict(
+        True, "allowed_by_policy", policy.key, rule.name, headers=rule.headers, token=rule.token
+    )
 
 
 def _first(
@@ -74,6 +89,9 @@ class _Enforcement:
     # The rules of deny, allow and audit (in that order) filed by what they need of a request;
     # None: scan them all (few rules, or none the index can file).
     index: RuleIndex | None = None
+    # The verdict of each DENY and ALLOW rule's hit, by the rule's id(), and of no rule hit.
+    hits: Mapping[int, Verdict] = field(default_factory=dict)
+    no_hit: Verdict = field(default_factory=lambda: Verdict(True, "no_allow_policy"))
 
     @classmethod
     def of(
@@ -89,12 +107,17 @@ class _Enforcement:
             index = RuleIndex((deny, allow, audit))
             if indexed is None and index.stats.unfiled == index.stats.rules:
                 index = None  # nothing filed: every rule would be a candidate anyway
+        no_match_response = next((p.deny_response for p in allow if p.deny_response), None)
         return cls(
             deny,
             allow,
             audit,
-            next((p.deny_response for p in allow if p.deny_response), None),
+            no_match_response,
             index,
+            {id(r): _hit(p, r) for p in (*deny, *allow) for r in p.rules},
+            Verdict(False, "no_allow_policy_matched", deny_response=no_match_response)
+            if allow
+            else Verdict(True, "no_allow_policy"),
         )
 
     def evaluate(self, attrs: Attributes) -> Verdict:
@@ -104,32 +127,9 @@ class _Enforcement:
             allow_hit = _first(self.allow, attrs) if deny_hit is None else None
         else:
             audit, deny_hit, allow_hit = self._indexed(self.index, attrs)
-        if deny_hit is not None:
-            policy, rule = deny_hit
-            return Verdict(
-                False,
-                "denied_by_policy",
-                policy.key,
-                rule.name,
-                audit,
-                deny_response=policy.deny_response,
-            )
-        if not self.allow:
-            return Verdict(True, "no_allow_policy", audit=audit)
-        if allow_hit is not None:
-            policy, rule = allow_hit
-            return Verdict(
-                True,
-                "allowed_by_policy",
-                policy.key,
-                rule.name,
-                audit,
-                headers=rule.headers,
-                token=rule.token,
-            )
-        return Verdict(
-            False, "no_allow_policy_matched", audit=audit, deny_response=self.no_match_response
-        )
+        hit = deny_hit if deny_hit is not None else allow_hit
+        verdict = self.hits[id(hit[1])] if hit is not None else self.no_hit
+        return verdict._replace(audit=audit) if audit else verdict
 
     def _indexed(
         self, index: RuleIndex, attrs: Attributes
@@ -151,14 +151,14 @@ class _Enforcement:
         deny_hit = allow_hit = None
         for seq in candidates:
             if seq < deny_end:
-                if deny_hit is None and entries[seq][1].matches(attrs):
+                if deny_hit is None and entries[seq][1].test(attrs):
                     deny_hit = entries[seq]
             elif seq < allow_end:
-                if deny_hit is None and allow_hit is None and entries[seq][1].matches(attrs):
+                if deny_hit is None and allow_hit is None and entries[seq][1].test(attrs):
                     allow_hit = entries[seq]
             else:
                 policy, rule = entries[seq]
-                if policy is not matched and rule.matches(attrs):
+                if policy is not matched and rule.test(attrs):
                     audit.append(policy.key)
                     matched = policy
         return tuple(audit), deny_hit, allow_hit
@@ -195,13 +195,66 @@ class WorkloadPolicies:
         )
         # Every header this workload's rules may write upstream: a caller's copy never passes.
         self.identity_headers = self.verifier.output_headers | self.token_headers
+        self._managed: dict[frozenset[str], frozenset[str]] = {}
+        # The request headers the rules read, if the rules read nothing but the peer, the
+        # token, the method, the host, the path and those headers; None otherwise.
+        self.memo_headers = memo_headers(authz)
+
+    def managed_headers(self, own: frozenset[str]) -> frozenset[str]:
+        """``identity_headers`` and the server's ``own`` ones: what only extauthz may set."""
+        managed = self._managed.get(own)
+        if managed is None:
+            managed = self._managed[own] = self.identity_headers | own
+        return managed
 
     def evaluate(self, attrs: Attributes) -> Verdict:
         verdict = self.enforced.evaluate(attrs)
         if self.shadow is None:
             return verdict
-        # replace(): a field added to Verdict later cannot be dropped here.
-        return replace(verdict, dry_run=self.shadow.evaluate(attrs))
+        # _replace(): a field added to Verdict later cannot be dropped here.
+        return verdict._replace(dry_run=self.shadow.evaluate(attrs))
+
+
+# What a rule may read for its verdict to be remembered: these functions of the peer
+# principal, the verified token, the method, the host and the path, and named headers.
+_MEMO_FIELDS = frozenset(
+    {
+        "principals",
+        "requestPrincipals",
+        "namespaces",
+        "serviceAccounts",
+        "methods",
+        "paths",
+        "hosts",
+        "source.principal",
+        "source.namespace",
+        "source.serviceAccount",
+        "request.auth.principal",
+        "request.auth.presenter",
+        "request.auth.audiences",
+    }
+)
+_HEADER_KEY = "request.headers["
+
+
+def memo_headers(authz: Iterable[AuthorizationPolicy]) -> tuple[str, ...] | None:
+    """The header names a decision of these policies reads, or None when a decision reads
+    more than the peer, the token, method, host, path and named headers (addresses, ports,
+    SNI, CEL) or a rule mints a token (a fresh one on expiry): then no decision may be reused.
+    """
+    headers: set[str] = set()
+    for policy in authz:
+        for rule in policy.rules:
+            if rule.token is not None:
+                return None
+            for clause in (*rule.sources, *rule.operations, rule.conditions):
+                for check in clause.checks:
+                    name = check.field
+                    if name.startswith(_HEADER_KEY):
+                        headers.add(name[len(_HEADER_KEY) : -1].lower())
+                    elif name not in _MEMO_FIELDS and not name.startswith("request.auth.claims"):
+                        return None
+    return tuple(sorted(headers))
 
 
 def parse_labels(text: str) -> Mapping[str, str]:

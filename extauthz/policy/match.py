@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -46,6 +46,20 @@ class StringMatcher:
             or (bool(self.prefixes) and value.startswith(self.prefixes))
             or (bool(self.suffixes) and value.endswith(self.suffixes))
         )
+
+    def function(self) -> Callable[[str | None], bool]:
+        """This matcher as the cheapest equivalent function: the common forms (exact values
+        and prefixes, case-sensitive, no ``*``) as one closure, the rest as ``__call__``."""
+        if self.presence or self.fold_case or self.suffixes:
+            return self
+        exact, prefixes = self.exact, self.prefixes
+        if not prefixes:
+            # None and "" need no test: the set holds strings, "" only if a value was "".
+            return exact.__contains__
+        if not exact:
+            # Prefixes are never empty ("*" is presence), so "" cannot match one.
+            return lambda value: value is not None and value.startswith(prefixes)
+        return lambda value: value is not None and (value in exact or value.startswith(prefixes))
 
 
 def compile_strings(
@@ -126,6 +140,13 @@ class RequestPrincipalMatcher:
     parts: tuple[tuple[StringMatcher, StringMatcher], ...]
     whole: StringMatcher | None
     any_principal: bool
+
+    def function(self) -> Callable[[tuple[str, str] | None], bool]:
+        """The usual form (one ``iss/sub`` value) as one closure; the rest as ``__call__``."""
+        if self.whole is not None or self.any_principal or len(self.parts) != 1:
+            return self
+        issuer, subject = (m.function() for m in self.parts[0])
+        return lambda p: p is not None and issuer(p[0]) and subject(p[1])
 
     def __call__(self, principal: tuple[str, str] | None) -> bool:
         if principal is None:

@@ -7,15 +7,14 @@ a reload builds a new set and swaps it in whole.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from functools import cached_property
 from typing import Any
 
 from ..decision import DenyResponse, Header
 from ..identity.jwt import JwtProvider, VerifiedToken
 from ..identity.mint import TokenSpec
-from ..request import CheckInput
+from ..request import CheckInput, client_ip
 from .match import IPAddress, parse_ip
 
 
@@ -25,12 +24,31 @@ class Action(Enum):
     AUDIT = "AUDIT"
 
 
+_UNSET: Any = object()
+
+
 class Attributes:
     """What a policy can ask about one request, each value computed at most once.
 
     ``None`` means the attribute is absent (no mTLS peer, no token), which no positive match
     accepts and every ``not`` form does, exactly as Istio's generated Envoy RBAC behaves.
+    ``remote_ip`` is Istio's ``remote.ip`` as text; without it, it is the client address
+    behind ``trusted_hops`` proxies, worked out only if a policy asks. Slots and hand-made
+    lazy values instead of ``functools.cached_property``, which takes a lock per first read.
     """
+
+    __slots__ = (
+        "_destination_ip",
+        "_port",
+        "_remote_ip",
+        "_remote_ip_text",
+        "_request_principal",
+        "_source_ip",
+        "_trusted_hops",
+        "inp",
+        "principal",
+        "token",
+    )
 
     def __init__(
         self,
@@ -38,40 +56,64 @@ class Attributes:
         *,
         principal: str | None,
         token: VerifiedToken | None,
-        remote_ip: str,
+        remote_ip: str | None = None,
+        trusted_hops: int = 0,
     ) -> None:
         self.inp = inp
         self.principal = principal
         self.token = token
-        self._remote_ip = remote_ip
+        self._remote_ip_text = remote_ip
+        self._trusted_hops = trusted_hops
+        # The lazy values start as _UNSET; set here only the one nearly every JWT rule reads.
+        self._request_principal: Any = _UNSET
 
     @property
     def headers(self) -> Mapping[str, str]:
         return self.inp.headers
 
-    @cached_property
+    @property
     def request_principal(self) -> tuple[str, str] | None:
-        return (self.token.issuer, self.token.subject) if self.token else None
+        value = self._request_principal
+        if value is _UNSET:
+            token = self.token
+            value = self._request_principal = (token.issuer, token.subject) if token else None
+        return value  # type: ignore[no-any-return]
 
-    @cached_property
+    @property
     def claims(self) -> Mapping[str, Any] | None:
         return self.token.claims if self.token else None
 
-    @cached_property
+    @property
     def source_ip(self) -> IPAddress | None:
-        return parse_ip(self.inp.source_ip)
+        value = getattr(self, "_source_ip", _UNSET)  # a slot never set: computed on first read
+        if value is _UNSET:
+            value = self._source_ip = parse_ip(self.inp.source_ip)
+        return value  # type: ignore[no-any-return]
 
-    @cached_property
+    @property
     def remote_ip(self) -> IPAddress | None:
-        return parse_ip(self._remote_ip)
+        value = getattr(self, "_remote_ip", _UNSET)  # a slot never set: computed on first read
+        if value is _UNSET:
+            text = self._remote_ip_text
+            if text is None:
+                text = client_ip(self.inp, self._trusted_hops)
+            value = self._remote_ip = parse_ip(text)
+        return value  # type: ignore[no-any-return]
 
-    @cached_property
+    @property
     def destination_ip(self) -> IPAddress | None:
-        return parse_ip(self.inp.destination_ip)
+        value = getattr(self, "_destination_ip", _UNSET)  # a slot never set: computed on first read
+        if value is _UNSET:
+            value = self._destination_ip = parse_ip(self.inp.destination_ip)
+        return value  # type: ignore[no-any-return]
 
-    @cached_property
+    @property
     def port(self) -> str | None:
-        return str(self.inp.destination_port) if self.inp.destination_port else None
+        value = getattr(self, "_port", _UNSET)  # a slot never set: computed on first read
+        if value is _UNSET:
+            port = self.inp.destination_port
+            value = self._port = str(port) if port else None
+        return value  # type: ignore[no-any-return]
 
 
 Test = Callable[[Attributes], bool]
@@ -80,6 +122,52 @@ Getter = Callable[[Attributes], Any]
 
 def _absent(attrs: Attributes) -> Any:
     return None
+
+
+def _always(attrs: Attributes) -> bool:
+    return True
+
+
+def _never(attrs: Attributes) -> bool:
+    return False
+
+
+def every(tests: tuple[Test, ...]) -> Test:
+    """AND of ``tests`` as one function: a call per test, no generator (~0.3 µs each)."""
+    if not tests:
+        return _always
+    if len(tests) == 1:
+        return tests[0]
+    if len(tests) == 2:
+        first, second = tests
+        return lambda a: first(a) and second(a)
+
+    def all_of(attrs: Attributes) -> bool:
+        for test in tests:  # noqa: SIM110 (all() over a generator costs more)
+            if not test(attrs):
+                return False
+        return True
+
+    return all_of
+
+
+def either(tests: tuple[Test, ...]) -> Test:
+    """OR of ``tests`` as one function (none: nothing matches, as ``any(())``)."""
+    if not tests:
+        return _never
+    if len(tests) == 1:
+        return tests[0]
+    if len(tests) == 2:
+        first, second = tests
+        return lambda a: first(a) or second(a)
+
+    def any_of(attrs: Attributes) -> bool:
+        for test in tests:  # noqa: SIM110 (any() over a generator costs more)
+            if test(attrs):
+                return True
+        return False
+
+    return any_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +194,14 @@ class Clause:
 
     path: str
     checks: tuple[FieldCheck, ...]
+    # all() of the checks as one function, built here so that evaluation calls no generator
+    test: Test = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "test", every(tuple(c.test for c in self.checks)))
 
     def holds(self, attrs: Attributes) -> bool:
-        return all(c.test(attrs) for c in self.checks)
+        return self.test(attrs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,17 +219,23 @@ class Rule:
     conditions: Clause
     headers: tuple[Header, ...] = ()
     token: TokenSpec | None = None
+    name: str = field(init=False, compare=False)
+    # The whole rule as one function of nested and/or closures, built at load.
+    test: Test = field(init=False, repr=False, compare=False)
 
-    @property
-    def name(self) -> str:
-        return f"rules[{self.index}]"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", f"rules[{self.index}]")
+        parts = []
+        if self.sources:
+            parts.append(either(tuple(c.test for c in self.sources)))
+        if self.operations:
+            parts.append(either(tuple(c.test for c in self.operations)))
+        if self.conditions.checks:
+            parts.append(self.conditions.test)
+        object.__setattr__(self, "test", every(tuple(parts)))
 
     def matches(self, attrs: Attributes) -> bool:
-        return (
-            (not self.sources or any(s.holds(attrs) for s in self.sources))
-            and (not self.operations or any(o.holds(attrs) for o in self.operations))
-            and self.conditions.holds(attrs)
-        )
+        return self.test(attrs)
 
 
 Target = tuple[str, str]  # ("Service" | "Gateway", name)
@@ -183,7 +282,10 @@ class AuthorizationPolicy:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
     def first_match(self, attrs: Attributes) -> Rule | None:
-        return next((r for r in self.rules if r.matches(attrs)), None)
+        for rule in self.rules:
+            if rule.test(attrs):
+                return rule
+        return None
 
 
 @dataclass(frozen=True, slots=True)
