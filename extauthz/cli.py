@@ -37,6 +37,13 @@ log = logging.getLogger("extauthz")
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT or unix:/path")
+    p.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the server's event loop: uvloop (8-12%% less CPU per Check, loadtest/README.md), "
+        "asyncio's own, or auto: uvloop when installed (default)",
+    )
     p.add_argument("--policies", type=Path, help="directory of policy YAML (default: none)")
     p.add_argument(
         "--root-namespace",
@@ -367,7 +374,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_concurrent_checks=settings.max_concurrent_checks,
     )
     try:
-        asyncio.run(run(server, _ready_signal(args.worker_ready_fd)))
+        factory = event_loop_factory(args.event_loop)
+        log.info("event loop: %s", "asyncio" if factory is None else "uvloop")
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run(server, _ready_signal(args.worker_ready_fd)))
     finally:
         keys.close()
         if decision_log is not None:
@@ -412,6 +422,20 @@ def supervise(args: argparse.Namespace) -> int:
         grace=settings.grace_seconds + settings.drain_delay,
     )
     return supervisor.run()
+
+
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``--event-loop``: uvloop's loop factory, or None for asyncio's default loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("--event-loop uvloop: uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _ready_signal(fd: int | None) -> Callable[[], None] | None:

@@ -96,10 +96,15 @@ def test_demo_once_passes(tmp_path: Path) -> None:
 
 
 def test_a_misbehaving_mesh_is_reported(tmp_path: Path) -> None:
-    """The checks can fail: with no policies every step is allowed, and a sink no one
-    exports to has no span for any decision."""
-    empty = tmp_path / "no-policies"
+    """The checks can fail: with an allow-everything policy every step is allowed, and a
+    sink no one exports to has no span for any decision."""
+    empty = tmp_path / "allow-all"
     empty.mkdir()
+    (empty / "allow-all.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: allow-all, namespace: istio-system}\n"
+        "spec: {action: ALLOW, rules: [{}]}\n"
+    )
     lines: list[str] = []
     with Mesh(
         tmp_path / "mesh", policies=empty, workloads=("frontend", "orders", "payments")
