@@ -98,28 +98,6 @@ def test_cli_refuses_zero_workers_and_a_worker_that_cannot_bind() -> None:
     assert "before serving: stopping" in result.stderr
 
 
-def test_workers_on_numbered_unix_sockets_serve_and_stop_with_exit_0(tmp_path: Path) -> None:
-    log_path = tmp_path / "extauthz.log"
-    sock = f"unix:{tmp_path / 'x.sock'}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "extauthz", "serve", "--workers", "2", "--listen", sock],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"},
-        )
-    try:
-        for i in (0, 1):
-            wait_serving(f"unix:{tmp_path / f'x-{i}.sock'}", proc, log_path)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0, log_path.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert not (tmp_path / "x.sock").exists()  # only the numbered ones were ever bound
-
-
 def _start_unix_workers(tmp_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
         return subprocess.Popen(
@@ -137,6 +115,19 @@ def _start_unix_workers(tmp_path: Path, log_path: Path) -> subprocess.Popen[byte
             stderr=subprocess.STDOUT,
             env={**os.environ, "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"},
         )
+
+
+def test_workers_on_numbered_unix_sockets_serve_and_stop_with_exit_0(tmp_path: Path) -> None:
+    log_path = tmp_path / "extauthz.log"
+    proc = _start_unix_workers(tmp_path, log_path)
+    try:
+        for i in (0, 1):
+            wait_serving(f"unix:{tmp_path / f'x-{i}.sock'}", proc, log_path)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log_path.read_text()
+    finally:
+        _stop(proc)
+    assert not (tmp_path / "x.sock").exists()  # only the numbered ones were ever bound
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
