@@ -43,7 +43,10 @@ _NO_TARGETS: frozenset[Target] = frozenset()
 _TARGET_KINDS = (("service", "Service"), ("gateway", "Gateway"))
 # A shed Check is worth retrying soon: the load that shed it is measured in milliseconds.
 _RETRY_AFTER: tuple[Header, ...] = (("retry-after", "1"),)
-_MEMO_SIZE = 8192  # remembered decisions in all (~1 KB each); all forgotten past it
+_MEMO_SIZE = 8192  # remembered decisions in all; all forgotten past it
+# Requests whose keyed strings (host, path, the headers the rules read) are longer are decided
+# afresh and not remembered: callers choose them, and 8,192 keys of 60 KB would be ~475 MB.
+_MEMO_KEY_CHARS = 1024
 # A remembered decision and the peer and token it was made for.
 _Seen = tuple[peer_identity.Peer | None, VerifiedToken | None, Decision]
 _DENY_MESSAGES = {"denied_by_policy": "a DENY policy matched"}  # else no ALLOW matched
@@ -251,14 +254,10 @@ class Authorizer:
             # Everything the policies read is in the key: a decision seen before is reused
             # with a new id. The token is verified above every time (expiry, key rotation).
             memo = self._memo(workload)
-            key = (
-                id(peer),
-                id(token),
-                inp.method,
-                inp.host,
-                inp.path,
-                *map(inp.headers.get, workload.memo_headers),
-            )
+            values = (inp.host, inp.path, *map(inp.headers.get, workload.memo_headers))
+            if sum(len(v) for v in values if v is not None) > _MEMO_KEY_CHARS:
+                return self._by_policy(inp, workload, peer, token, namespace, policies, decision_id)
+            key = (id(peer), id(token), inp.method, *values)
             seen = memo.get(key)
             # The entry holds the peer and token it was made for, so their ids stay theirs.
             if seen is not None and seen[0] is peer and seen[1] is token:

@@ -238,6 +238,29 @@ class CheckInput:
         inp._conn = None
         return inp
 
+    def detached(self) -> CheckInput:
+        """This request without the CheckRequest's body: what a queue or a record that
+        outlives the Check may keep (``with_request_body`` bodies can be megabytes)."""
+        if self._attrs is None:  # built from fields, not read from a CheckRequest
+            return self
+        http = self._attrs.request.http
+        if not http.body and not http.raw_body:
+            return self
+        attrs = type(self._attrs)()
+        attrs.CopyFrom(self._attrs)
+        attrs.request.http.ClearField("body")
+        attrs.request.http.ClearField("raw_body")
+        ext = attrs.context_extensions
+        return CheckInput._read(
+            attrs,
+            self._method,
+            self._host,
+            self._path,
+            self._query,
+            _headers(attrs.request.http),
+            Headers(ext) if ext else _EMPTY,
+        )
+
     @property
     def _connection(self) -> _Connection:
         conn = self._conn

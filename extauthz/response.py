@@ -82,8 +82,18 @@ def _removed(name: str) -> bytes:
     return _field(b"\x2a", name.encode())
 
 
-# Repeated on every decision of a caller / token / policy: cached, bounded.
-_cached_ok_header = lru_cache(maxsize=4096)(_ok_header)
+# Repeated on every decision of a caller / token / policy: cached, bounded in count and,
+# by leaving long values (a claim or a payload header can be ~48 KB) uncached, in size.
+_ok_header_lru = lru_cache(maxsize=4096)(_ok_header)
+_CACHED_VALUE_CHARS = 256
+
+
+def _cached_ok_header(name: str, value: str) -> bytes:
+    if len(value) > _CACHED_VALUE_CHARS:
+        return _ok_header(name, value)
+    return _ok_header_lru(name, value)
+
+
 _cached_removed = lru_cache(maxsize=256)(_removed)
 # The decision id header of a new_decision_id() (32 characters) around the id's own bytes.
 _ID_LENGTH = 32

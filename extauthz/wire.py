@@ -21,6 +21,8 @@ _TABLE = tuple(_encode(n) for n in range(_SMALL))
 
 def varint(n: int) -> bytes:
     """A non-negative integer as a base-128 varint."""
+    if n < 0:  # _TABLE[-1] would silently encode 2047
+        raise ValueError(f"varint of a negative number: {n}")
     return _TABLE[n] if n < _SMALL else _encode(n)
 
 

@@ -591,3 +591,39 @@ def test_the_admin_listener_must_be_loopback(listen: str) -> None:
             listen="127.0.0.1:9191",
             admin_listen=listen,
         )
+
+
+def test_recent_decisions_keep_no_request_body() -> None:
+    """A recorded input outlives its Check: it keeps what Explain reads, not a body."""
+    from extauthz.request import from_check_request
+
+    req = external_auth_pb2.CheckRequest()
+    http = req.attributes.request.http
+    http.method, http.path, http.host = "POST", "/upload?x=1", "Shop"
+    http.headers["x-tenant"] = "t1"
+    http.body = "b" * 100_000
+    http.raw_body = b"r" * 100_000
+    inp = from_check_request(req)
+    policies = PolicySet.empty()
+    recent = RecentDecisions(4)
+    decision = Authorizer(policies).check(inp)
+    recent.record(decision, inp, policies)
+    kept = recent.get(decision.decision_id)
+    assert kept is not None
+    assert kept.input is not None
+    assert kept.input is not inp
+    assert kept.input._attrs.request.http.body == ""
+    assert kept.input._attrs.request.http.raw_body == b""
+    assert (kept.input.method, kept.input.host, kept.input.path, kept.input.query) == (
+        "POST",
+        "shop",
+        "/upload",
+        "x=1",
+    )
+    assert kept.input.headers.get("x-tenant") == "t1"
+    assert http.body == "b" * 100_000  # the Check's own request is untouched
+    # Without a body there is nothing to drop: the input is kept as it is.
+    http.ClearField("body")
+    http.ClearField("raw_body")
+    bodiless = from_check_request(req)
+    assert bodiless.detached() is bodiless

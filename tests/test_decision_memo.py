@@ -194,3 +194,17 @@ def test_remembered_decisions_are_bounded(tmp_path: Path, monkeypatch: pytest.Mo
         authorizer.check(_inp(f"/p{i}", token=token))
         remembered = sum(len(memo) for _, memo in authorizer._memos.values())
         assert 1 <= remembered <= 3
+
+
+def test_long_keys_are_decided_afresh_and_never_remembered(tmp_path: Path) -> None:
+    """Callers choose the path and headers: a key longer than the bound is not kept."""
+    authorizer = _authorizer(tmp_path, ALLOW_ALICE)
+    token = _token("alice")
+    long_path = "/a" + "x" * authorizer_module._MEMO_KEY_CHARS
+    decisions = [authorizer.check(_inp(long_path, token=token)) for _ in range(2)]
+    assert [(d.outcome, d.reason) for d in decisions] == [
+        (Outcome.PERMISSION_DENIED, "no_allow_policy_matched")
+    ] * 2
+    assert sum(len(memo) for _, memo in authorizer._memos.values()) == 0
+    authorizer.check(_inp("/a", token=token))  # a short one still is
+    assert sum(len(memo) for _, memo in authorizer._memos.values()) == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
@@ -166,3 +167,21 @@ def test_any_decision_encodes_as_protobuf_does(
             return
         raise AssertionError("encoded a string protobuf refuses") from None
     assert encode_check_response(d) == expected
+
+
+def test_varint_refuses_negative_numbers() -> None:
+    from extauthz.wire import varint
+
+    assert varint(300) == b"\xac\x02"
+    with pytest.raises(ValueError, match="negative"):
+        varint(-1)
+
+
+def test_long_header_values_are_encoded_but_not_cached() -> None:
+    from extauthz import response
+
+    response._ok_header_lru.cache_clear()
+    short, long = "v" * 10, "w" * (response._CACHED_VALUE_CHARS + 1)
+    assert response._cached_ok_header("x-a", short) == response._ok_header("x-a", short)
+    assert response._cached_ok_header("x-a", long) == response._ok_header("x-a", long)
+    assert response._ok_header_lru.cache_info().currsize == 1

@@ -42,7 +42,8 @@ class RecentDecisions:
         if self.capacity == 0:
             return
         items = self._items
-        items[decision.decision_id] = Recorded(decision, inp, policies)
+        kept = None if inp is None else inp.detached()
+        items[decision.decision_id] = Recorded(decision, kept, policies)
         while len(items) > self.capacity:
             items.popitem(last=False)
 

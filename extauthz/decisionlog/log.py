@@ -153,7 +153,7 @@ class DecisionLog:
                 return
             entry: _Queued = (
                 decision,
-                inp,
+                None if inp is None else inp.detached(),
                 start_ns,
                 decided_ns or time.time_ns(),
                 span,
