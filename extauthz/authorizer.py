@@ -254,10 +254,15 @@ class Authorizer:
             # Everything the policies read is in the key: a decision seen before is reused
             # with a new id. The token is verified above every time (expiry, key rotation).
             memo = self._memo(workload)
-            values = (inp.host, inp.path, *map(inp.headers.get, workload.memo_headers))
-            if sum(len(v) for v in values if v is not None) > _MEMO_KEY_CHARS:
+            host, path, named = inp.host, inp.path, workload.memo_headers
+            read = tuple(map(inp.headers.get, named)) if named else ()
+            size = len(host) + len(path)
+            for value in read:
+                if value is not None:
+                    size += len(value)
+            if size > _MEMO_KEY_CHARS:
                 return self._by_policy(inp, workload, peer, token, namespace, policies, decision_id)
-            key = (id(peer), id(token), inp.method, *values)
+            key = (id(peer), id(token), inp.method, host, path, *read)
             seen = memo.get(key)
             # The entry holds the peer and token it was made for, so their ids stay theirs.
             if seen is not None and seen[0] is peer and seen[1] is token:
