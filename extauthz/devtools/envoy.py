@@ -142,18 +142,7 @@ def render_sidecar(
         raise ValueError("pass exactly one of extauthz_port and extauthz_unix")
     if hosts and extauthz_unix is not None and "extauthz" in hosts:
         raise ValueError("hosts['extauthz'] names a TCP host, but extauthz_unix was given")
-    if missing := {"ca", "cert", "key"} - certs.keys():
-        raise ValueError(f"certs is missing {sorted(missing)}")
-
-    config = load_config(template)
-    for sock in _find_key(config, "socket_address"):
-        sock["address"] = "127.0.0.1"
-
-    try:
-        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
-    except (KeyError, TypeError):
-        raise ValueError(f"{template}: no admin.address.socket_address") from None
-
+    config = _local_config(template, admin_port, certs)
     listener = _named(config, "listeners", "inbound", template)
     listener["address"]["socket_address"]["address"] = listen_address
     listener["address"]["socket_address"]["port_value"] = listen_port
@@ -257,17 +246,7 @@ def render_front_proxy(
     """
     if not extauthz_ports:
         raise ValueError("extauthz_ports must name at least one replica")
-    if missing := {"ca", "cert", "key"} - certs.keys():
-        raise ValueError(f"certs is missing {sorted(missing)}")
-
-    config = load_config(template)
-    for sock in _find_key(config, "socket_address"):
-        sock["address"] = "127.0.0.1"
-    try:
-        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
-    except (KeyError, TypeError):
-        raise ValueError(f"{template}: no admin.address.socket_address") from None
-
+    config = _local_config(template, admin_port, certs)
     listener = _named(config, "listeners", "edge", template)
     listener["address"]["socket_address"]["port_value"] = listen_port
     _set_tls_files(listener, certs, template, "edge")
@@ -307,11 +286,7 @@ def render_workers(
     listener ``ingress`` and the single endpoint of ``upstream`` on the given ports."""
     if not extauthz_addresses:
         raise ValueError("extauthz_addresses must name at least one worker")
-    config = load_config(template)
-    try:
-        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
-    except (KeyError, TypeError):
-        raise ValueError(f"{template}: no admin.address.socket_address") from None
+    config = _local_config(template, admin_port)
     listener = _named(config, "listeners", "ingress", template)
     listener["address"]["socket_address"]["port_value"] = listen_port
     _endpoint(config, "upstream", template)["address"]["socket_address"]["port_value"] = (
@@ -483,6 +458,23 @@ class EnvoyProcess:
                 f"admin {method} {path} -> {e.code}: {e.read().decode(errors='replace')}"
             ) from None
         return body.decode(errors="replace")
+
+
+def _local_config(
+    template: Path, admin_port: int, certs: Mapping[str, Path] | None = None
+) -> dict[str, Any]:
+    """``template`` loaded for a local run: every socket address on 127.0.0.1, the admin
+    listener on ``admin_port``; ``certs``, when the config takes them, must be complete."""
+    if certs is not None and (missing := {"ca", "cert", "key"} - certs.keys()):
+        raise ValueError(f"certs is missing {sorted(missing)}")
+    config = load_config(template)
+    for sock in _find_key(config, "socket_address"):
+        sock["address"] = "127.0.0.1"
+    try:
+        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    except (KeyError, TypeError):
+        raise ValueError(f"{template}: no admin.address.socket_address") from None
+    return config
 
 
 def _find_key(node: Any, key: str) -> Iterator[dict[str, Any]]:
