@@ -121,14 +121,37 @@ class Authorizer:
         seconds, without blocking the event loop, and decides once more on the same policy
         snapshot. With nothing to wait for it is exactly :meth:`check`.
         """
+        decision, pending, policies = self.check_now(inp)
+        if pending is None:
+            return decision
+        return await self.check_again(inp, decision, pending, policies, wait=wait)
+
+    def check_now(self, inp: CheckInput) -> tuple[Decision, Future[bool] | None, PolicySet]:
+        """The first half of :meth:`check_async`, without an event loop: the decision now,
+        the early JWKS refetch it could wait for (None: final), and the snapshot it used.
+        A transport that answers from a callback calls :meth:`check_again` only when the
+        refetch is not None, and so creates no task for the common case."""
         policies = self._policies
         pending: list[Future[bool]] = []
         decision = self._decide(inp, None, None, policies, pending)
-        if not pending or wait <= 0:
+        return decision, (pending[0] if pending else None), policies
+
+    async def check_again(
+        self,
+        inp: CheckInput,
+        decision: Decision,
+        pending: Future[bool],
+        policies: PolicySet,
+        *,
+        wait: float,
+    ) -> Decision:
+        """The second half: wait at most ``wait`` s for the refetch, then decide once more on
+        the same snapshot (``decision`` stands if the keys do not come)."""
+        if wait <= 0:
             return decision
         try:
             fetched = await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(pending[0])), timeout=wait
+                asyncio.shield(asyncio.wrap_future(pending)), timeout=wait
             )
         except TimeoutError:
             return decision

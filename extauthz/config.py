@@ -59,6 +59,10 @@ class Settings:
     decision_log: DecisionLogSettings | None = None
     # The Prometheus scrape endpoint (None: off).
     metrics_listen: str | None = None
+    # Envoy's ext_authz http_service listener (None: off; loopback or unix: only) and the
+    # path_prefix Envoy puts in front of the client's path.
+    http_listen: str | None = None
+    http_path_prefix: str = ""
 
 
 def host_port(listen: str, what: str) -> tuple[str, int]:

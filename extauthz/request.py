@@ -14,8 +14,9 @@ request on first access (policies and the decision log that ask for them pay for
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from functools import lru_cache
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import RequestError
 
@@ -408,4 +409,113 @@ def from_check_request(req: Any) -> CheckInput:
         query,
         headers,
         Headers(ext) if ext else _EMPTY,
+    )
+
+
+# --- Envoy's ext_authz http_service -----------------------------------------------------
+# Envoy sends the original method, the path after ``path_prefix``, and the headers its
+# ``allowed_headers`` let through; no peer attributes, no context_extensions. Those come in
+# one header that Envoy's ``authorization_request.headers_to_add`` sets (one line):
+#     x-extauthz-peer: namespace=shop;labels=app=orders;src=%DOWNSTREAM_REMOTE_ADDRESS%;
+#                      dst=%DOWNSTREAM_LOCAL_ADDRESS%;uri=%DOWNSTREAM_PEER_URI_SAN%
+# ``src``, ``dst`` and ``uri`` are the connection's; every other field is a context
+# extension (the workload's namespace and labels, as a route's context_extensions). The
+# value is never empty, so Envoy always sets it and overrides a client's copy (an empty
+# formatter result would let a client's header through).
+
+PEER_HEADER = "x-extauthz-peer"
+TIMEOUT_HEADER = "x-envoy-expected-rq-timeout-ms"
+# Envoy's framing of the check request, not the client's request.
+_NOT_REQUEST_HEADERS = frozenset({PEER_HEADER, TIMEOUT_HEADER, "content-length"})
+
+
+class _Peer(NamedTuple):
+    principal: str = ""
+    source_ip: str = ""
+    source_port: int = 0
+    destination_ip: str = ""
+    destination_port: int = 0
+    context_extensions: Mapping[str, str] = _EMPTY
+
+
+_NO_PEER = _Peer()
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        return value, 0  # a pipe path, or nothing
+    return host.strip("[]"), int(port)
+
+
+def _peer_fields(value: str) -> _Peer:
+    # One value per client connection, repeated on each of its requests: cached, and
+    # bounded in size by leaving long values uncached.
+    return _parse_peer(value) if len(value) > 512 else _cached_peer(value)
+
+
+def _parse_peer(value: str) -> _Peer:
+    """The fields of :data:`PEER_HEADER`.
+
+    ``uri`` comes last and takes the rest of the value: a URI may hold ``;``. Several URI
+    SANs (Envoy joins them with ``,``) give the first, as ``source.principal`` does.
+    """
+    head, sep, uris = value.partition("uri=")
+    if not sep:
+        raise RequestError(f"{PEER_HEADER}: no uri= field (is Envoy's headers_to_add set?)")
+    fields = dict(part.partition("=")[::2] for part in head.split(";") if part)
+    src_ip, src_port = _address(fields.pop("src", ""))
+    dst_ip, dst_port = _address(fields.pop("dst", ""))
+    return _Peer(
+        uris.partition(",")[0].strip(),
+        src_ip,
+        src_port,
+        dst_ip,
+        dst_port,
+        MappingProxyType(fields) if fields else _EMPTY,
+    )
+
+
+_cached_peer = lru_cache(maxsize=1024)(_parse_peer)
+
+
+def from_http(method: str, target: str, headers: dict[str, str], prefix: str = "") -> CheckInput:
+    """Build the model from an ext_authz ``http_service`` request.
+
+    ``target`` is the request target, ``prefix`` Envoy's ``path_prefix`` in front of the
+    client's path. ``headers`` (lower-case names, repeated ones comma-joined) is taken over:
+    Envoy's own headers are removed, the client's ``host`` becomes ``:authority`` and the
+    pseudo-headers a CheckRequest carries are added, so policies read the same names over
+    either transport. Raises :class:`RequestError` for a target outside ``prefix``.
+    """
+    if prefix:
+        if not target.startswith(prefix):
+            raise RequestError(f"request target {target[:200]!r} is not under {prefix!r}")
+        target = target[len(prefix) :] or "/"
+    if not target.startswith("/"):
+        raise RequestError(f"request target {target[:200]!r}: expected an origin-form path")
+    value = headers.get(PEER_HEADER)
+    peer = _NO_PEER if value is None else _peer_fields(value)
+    for name in _NOT_REQUEST_HEADERS.intersection(headers):
+        del headers[name]
+    host = headers.pop("host", "").lower()
+    headers[":authority"] = host
+    headers[":method"] = method
+    headers[":path"] = target
+    path, query = split_path(target)
+    return CheckInput(
+        method=method,
+        host=host,
+        path=path,
+        query=query,
+        scheme=headers.get("x-forwarded-proto", ""),
+        protocol="",
+        headers=MappingProxyType(headers),
+        request_id=headers.get("x-request-id", ""),
+        source_ip=peer.source_ip,
+        source_port=peer.source_port,
+        destination_ip=peer.destination_ip,
+        destination_port=peer.destination_port,
+        source_principal=peer.principal,
+        context_extensions=peer.context_extensions,
     )

@@ -1,14 +1,16 @@
 """Decision → CheckResponse, by table. The only module (with ``server``) that builds protos.
 
-Allow/deny is carried by ``CheckResponse.status`` alone; the HTTP status is what the client
-sees on deny. Every outcome, errors included, is an answered CheckResponse: an RPC error would
-let Envoy apply ``failure_mode_allow``.
+Over gRPC, allow/deny is carried by ``CheckResponse.status`` alone; the HTTP status is what
+the client sees on deny. Every outcome, errors included, is an answered CheckResponse: an RPC
+error would let Envoy apply ``failure_mode_allow``. :func:`encode_http_response` is the same
+table for Envoy's ``http_service`` (:mod:`extauthz.httpserver`).
 """
 
 from __future__ import annotations
 
 import json
 from functools import lru_cache
+from http import HTTPStatus
 from typing import Any, NamedTuple
 
 from envoy.config.core.v3 import base_pb2
@@ -151,3 +153,79 @@ def to_check_response(decision: Decision) -> Any:
     """The CheckResponse message for ``decision`` (tools and tests; the server sends the
     bytes of :func:`encode_check_response`, which this parses)."""
     return external_auth_pb2.CheckResponse.FromString(encode_check_response(decision))
+
+
+# --- the HTTP answer ----------------------------------------------------------------------
+# For Envoy's ext_authz ``http_service`` (extauthz.httpserver): a 200 allows, with the
+# upstream headers as response headers (Envoy copies those its allowed_upstream_headers
+# match) and the headers to remove in ``x-envoy-auth-headers-to-remove``; any other status
+# denies, and Envoy sends that status, our headers and body to the client.
+
+HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+_UNSAFE = frozenset("\r\n\0")
+
+
+class UnsafeHeaderError(ValueError):
+    """A header name or value would split the HTTP answer (CR, LF or NUL in it)."""
+
+
+def _http_header(name: str, value: str) -> bytes:
+    if not _UNSAFE.isdisjoint(name) or not _UNSAFE.isdisjoint(value):
+        raise UnsafeHeaderError(f"header {name!r}: CR, LF or NUL in its name or value")
+    return f"{name}: {value}\r\n".encode("latin-1", "replace")
+
+
+_http_header_lru = lru_cache(maxsize=4096)(_http_header)
+
+
+def _cached_http_header(name: str, value: str) -> bytes:
+    if len(value) > _CACHED_VALUE_CHARS:
+        return _http_header(name, value)
+    return _http_header_lru(name, value)
+
+
+@lru_cache(maxsize=64)
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode()
+
+
+_ALLOW_LINE = _status_line(200)
+_EMPTY_BODY = b"content-length: 0\r\n\r\n"
+_CLOSE = b"connection: close\r\n"
+
+
+def encode_http_response(decision: Decision, *, keep_alive: bool = True) -> bytes:
+    """The HTTP/1.1 answer for ``decision``: the status, the headers and the body.
+
+    Raises :class:`UnsafeHeaderError` when a header would split the answer (the caller
+    answers with its last resort, a 503): over gRPC Envoy rejects such a value itself.
+    """
+    close = b"" if keep_alive else _CLOSE
+    if decision.outcome is Outcome.ALLOW:
+        head = b"".join([_cached_http_header(k, v) for k, v in decision.upstream_headers])
+        if decision.remove_headers:
+            head += _http_header(HEADERS_TO_REMOVE, ",".join(decision.remove_headers))
+        return _ALLOW_LINE + head + close + _EMPTY_BODY
+    row = OUTCOMES[decision.outcome]
+    custom = decision.deny_response
+    body = (custom.body if custom else deny_body(decision)).encode()
+    headers = [
+        _cached_http_header("content-type", custom.content_type if custom else "application/json"),
+        _http_header(DECISION_ID_HEADER, decision.decision_id),
+        *(_cached_http_header(k, v) for k, v in decision.client_headers),
+        *(_cached_http_header(k, v) for k, v in (custom.headers if custom else ())),
+    ]
+    status = custom.status if custom else row.http_status
+    if status < 300:  # a 2xx here would be an allow: the policy compiler refuses it, too
+        status = row.http_status
+    return (
+        _status_line(status)
+        + b"".join(headers)
+        + close
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )

@@ -23,10 +23,11 @@ from grpc_reflection.v1alpha import reflection
 
 from .admin.recent import DEFAULT_CAPACITY, RecentDecisions
 from .authorizer import Authorizer
+from .checks import FAILED, CheckRecorder
 from .config import DEFAULT_MAX_CONCURRENT_CHECKS
-from .decision import Decision, Outcome
 from .decisionlog.log import DecisionLog
-from .errors import ConfigError, ExtAuthzError, OverloadedError
+from .errors import ConfigError, ExtAuthzError
+from .httpserver import HttpCheckServer
 from .jwks_server import JwksServer
 from .reload import PolicyReloader, ReloadStatus
 from .request import CheckInput, from_check_request
@@ -42,9 +43,7 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Time kept back from Envoy's deadline to send the answer: a late deny is an RPC error.
 DEADLINE_MARGIN_SECONDS = 0.02
 
-# Built at import: the answer of last resort must not itself be able to fail.
-_FAILED = Decision(Outcome.ERROR, "internal_error", "the authorization server failed to decide", "")
-_LAST_RESORT = encode_check_response(_FAILED)
+_LAST_RESORT = encode_check_response(FAILED)
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -58,18 +57,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         recent: RecentDecisions | None = None,
         decision_log: DecisionLog | None = None,
         max_in_flight: int = 0,
+        *,
+        recorder: CheckRecorder | None = None,
     ) -> None:
-        self.authorizer = authorizer
-        self.telemetry = telemetry
-        # Only with the admin listener on: the inputs and policy snapshots of recent decisions.
-        self.recent = recent
-        self.decision_log = decision_log
-        # Checks decided at once before more are shed (0: no limit).
-        self.max_in_flight = max_in_flight
+        # One recorder per server: with an HTTP listener beside, both count the same checks.
+        self.recorder = recorder or CheckRecorder(
+            authorizer, telemetry, recent, decision_log, max_in_flight
+        )
+        self.authorizer = self.recorder.authorizer
+        self.telemetry = self.recorder.telemetry
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         telemetry = self.telemetry
-        if 0 < self.max_in_flight <= telemetry.in_flight:
+        if self.recorder.over_limit():
             return self._shed(request, context)
         # A plain count the in-flight metric observes: the SDK's UpDownCounter.add costs
         # ~10 µs, twice per Check.
@@ -82,6 +82,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     async def _check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         start = time.perf_counter_ns()  # for durations
         wall = time.time_ns()  # for the decision log's timestamps
+        recorder = self.recorder
         try:
             inp: CheckInput | None = from_check_request(request)
         except ExtAuthzError as exc:
@@ -91,7 +92,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             log.exception("cannot read CheckRequest; denying")
             return self._last_resort(None, start, wall, context)
         # The snapshot ``check`` will decide on: no await in between, so no reload either.
-        snapshot = self.authorizer.policies if self.recent is not None else None
+        snapshot = recorder.snapshot()
         try:
             if inp is not None:
                 decision = await self.authorizer.check_async(inp, wait=_key_wait(self, context))
@@ -101,62 +102,35 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         except Exception:
             log.exception("cannot build CheckResponse; denying")
             return self._last_resort(inp, start, wall, context)
-        if self.recent is not None and snapshot is not None:
-            try:
-                self.recent.record(decision, inp, snapshot)
-            except Exception:
-                log.exception("cannot record decision %s", decision.decision_id)
         # Only spans and the decision log read it; the copy costs ~2 µs per Check.
-        metadata = (
-            context.invocation_metadata() or ()
-            if self.telemetry.makes_spans or self.decision_log is not None
-            else ()
-        )
-        span = None
-        try:
-            span = self.telemetry.record(decision, inp, start, metadata)
-        except Exception:
-            log.exception("telemetry failed for decision %s", decision.decision_id)
-        if self.decision_log is not None:  # never raises
-            self.decision_log.record(decision, inp, wall, span, metadata, decided)
+        metadata = context.invocation_metadata() or () if recorder.wants_metadata else ()
+        recorder.finish(decision, inp, snapshot, start, wall, decided, metadata)
         return response
 
     def _shed(self, request: Any, context: Any) -> bytes:
-        """Over the limit: a 503 ``overloaded`` deny at once, rather than a place in a queue
-        whose wait Envoy's timeout would turn into an error. Counted, traced and logged."""
+        """Over the limit: a 503 ``overloaded`` deny at once. Counted, traced and logged."""
         start, wall = time.perf_counter_ns(), time.time_ns()
         inp: CheckInput | None = None
         try:
             # Read only for the log and the span; unreadable, it is shed all the same.
             with contextlib.suppress(ExtAuthzError):
                 inp = from_check_request(request)
-            decision = self.authorizer.refuse(
-                OverloadedError(f"more than {self.max_in_flight} checks in flight")
-            )
+            decision = self.recorder.shed()
             response = encode_check_response(decision)
         except Exception:
             log.exception("cannot shed a Check; denying")
             return self._last_resort(inp, start, wall, context)
-        self._record_undecided(decision, inp, start, wall, context)
+        self.recorder.record_undecided(
+            decision, inp, start, wall, context.invocation_metadata() or ()
+        )
         return response
 
     def _last_resort(self, inp: CheckInput | None, start: int, wall: int, context: Any) -> bytes:
         """The answer of last resort, counted, traced and logged as the error it is."""
-        self._record_undecided(_FAILED, inp, start, wall, context)
+        self.recorder.record_undecided(
+            FAILED, inp, start, wall, context.invocation_metadata() or ()
+        )
         return _LAST_RESORT
-
-    def _record_undecided(
-        self, decision: Decision, inp: CheckInput | None, start: int, wall: int, context: Any
-    ) -> None:
-        """Telemetry and the decision log for an answer the policies did not make."""
-        metadata = context.invocation_metadata() or ()
-        span = None
-        try:
-            span = self.telemetry.record(decision, inp, start, metadata)
-        except Exception:
-            log.exception("telemetry failed for decision %s", decision.decision_id)
-        if self.decision_log is not None:  # never raises
-            self.decision_log.record(decision, inp, wall, span, metadata)
 
 
 def _wire(response: Any) -> bytes:
@@ -216,6 +190,8 @@ class Server:
         jwks: JwksServer | None = None,
         decision_log: DecisionLog | None = None,
         max_concurrent_checks: int = DEFAULT_MAX_CONCURRENT_CHECKS,
+        http_listen: str | None = None,
+        http_path_prefix: str = "",
     ) -> None:
         if max_concurrent_checks < 0:
             raise ConfigError(
@@ -248,6 +224,15 @@ class Server:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._stopping = asyncio.Event()
+        self.recorder = CheckRecorder(
+            authorizer, telemetry, self.recent, decision_log, max_concurrent_checks
+        )
+        # Envoy's http_service beside the gRPC listener: the same checks, a cheaper transport.
+        self.http: HttpCheckServer | None = (
+            HttpCheckServer(self.recorder, http_listen, path_prefix=http_path_prefix)
+            if http_listen is not None
+            else None
+        )
 
     async def start(self) -> None:
         server = grpc.aio.server(
@@ -257,13 +242,7 @@ class Server:
             ]
         )
         add_authorization_servicer(
-            AuthorizationServicer(
-                self.authorizer,
-                self.telemetry,
-                self.recent,
-                self.decision_log,
-                max_in_flight=self.max_concurrent_checks,
-            ),
+            AuthorizationServicer(self.authorizer, self.telemetry, recorder=self.recorder),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -300,6 +279,17 @@ class Server:
                     await self._admin.stop(None)
                     self._admin = None
                 raise
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except BaseException:
+                await server.stop(None)
+                if self._admin is not None:
+                    await self._admin.stop(None)
+                    self._admin = None
+                if self.jwks is not None:
+                    self.jwks.stop()
+                raise
         if self.decision_log is not None:
             self.decision_log.start()
         await server.start()
@@ -310,8 +300,9 @@ class Server:
             self.reloader.listeners.append(self._policy_status)
             self._watcher = asyncio.create_task(self.reloader.run(), name="policy-watcher")
         log.info(
-            "extauthz listening on %s (policy revision %s)",
+            "extauthz listening on %s%s (policy revision %s)",
             self.listen if self.listen.startswith("unix:") else f"port {self.port}",
+            "" if self.http is None else f", HTTP on {_shown(self.http.listen, self.http.port)}",
             self.authorizer.policies.revision,
         )
 
@@ -378,11 +369,13 @@ class Server:
             # it (CANCELLED), which Envoy would count as authz errors.
             log.info("draining: NOT_SERVING for %.1f s before closing", self.drain_delay)
             await asyncio.sleep(self.drain_delay)
+        stops = [self._server.stop(self.grace)]
         if self._admin is not None:
-            await asyncio.gather(self._server.stop(self.grace), self._admin.stop(self.grace))
-            self._admin = None
-        else:
-            await self._server.stop(self.grace)
+            stops.append(self._admin.stop(self.grace))
+        if self.http is not None:
+            stops.append(self.http.stop(self.grace))
+        await asyncio.gather(*stops)
+        self._admin = None
         self._server = None
         if self.decision_log is not None:
             # After the drain: every Check that was answered is in the queue; write it all.
@@ -392,6 +385,10 @@ class Server:
             await asyncio.to_thread(self.jwks.stop)
         self.telemetry.shutdown()
         log.info("extauthz stopped")
+
+
+def _shown(listen: str, port: int) -> str:
+    return listen if listen.startswith("unix:") else f"port {port}"
 
 
 def _check_admin_listen(admin_listen: str, listen: str) -> None:

@@ -7,10 +7,10 @@ few HTTP/2 connections, so one worker would get most of the load. Envoy instead 
 endpoints and balances requests across them (``envoy/workers.yaml``).
 
 Worker ``i`` (0..N-1) listens on ``--listen``'s port + i, or on ``unix:/run/x-i.sock`` for
-``unix:/run/x.sock``; ``--metrics-listen`` and ``--admin-listen`` are numbered the same way,
-``--decision-log PATH`` becomes one file per worker (``decisions-i.jsonl``), and only worker
-0 serves ``--jwks-listen`` (every worker signs with the same key). Each worker loads, polls
-and reloads the policies itself.
+``unix:/run/x.sock``; ``--metrics-listen``, ``--admin-listen`` and ``--http-listen`` are
+numbered the same way, ``--decision-log PATH`` becomes one file per worker
+(``decisions-i.jsonl``), and only worker 0 serves ``--jwks-listen`` (every worker signs with
+the same key). Each worker loads, polls and reloads the policies itself.
 
 The supervisor forwards SIGTERM/SIGINT (each worker drains as one process would) and SIGHUP
 (reload), restarts a worker that dies with a doubling backoff, and exits non-zero when a
@@ -90,6 +90,7 @@ def for_worker(settings: Settings, index: int, workers: int) -> Settings:
         listen=numbered(settings.listen, index, "--listen"),
         metrics_listen=_maybe(settings.metrics_listen, index, "--metrics-listen"),
         admin_listen=_maybe(settings.admin_listen, index, "--admin-listen"),
+        http_listen=_maybe(settings.http_listen, index, "--http-listen"),
         jwks_listen=settings.jwks_listen if index == 0 else None,
         decision_log=log_settings,
     )
@@ -113,6 +114,7 @@ def check_plan(
             ("--listen", plan.listen),
             ("--metrics-listen", plan.metrics_listen),
             ("--admin-listen", plan.admin_listen),
+            ("--http-listen", plan.http_listen),
             ("--jwks-listen", plan.jwks_listen),
             (
                 "OTEL_EXPORTER_PROMETHEUS_PORT",
