@@ -348,8 +348,17 @@ async def test_a_flood_through_envoy_gets_no_allow_beyond_the_limit(
             authorizer.release.set()
             answers = await asyncio.gather(*calls)
             after = [await loop.run_in_executor(pool, envoy.get, "/ok/after")]
-            errors = envoy.stat("http.inbound.ext_authz.error")
-            overflow = envoy.stat("cluster.extauthz.upstream_rq_active_overflow")
+            checks = {
+                result: envoy.stat(f"http.inbound.ext_authz.{result}")
+                for result in ("ok", "denied", "error")
+            }
+            # The breaker refuses with either threshold: max_requests (active overflow) or,
+            # while the first connection to extauthz is still being made and the checks
+            # queue for it, max_pending_requests (pending overflow: a 5th check then).
+            overflow = {
+                kind: envoy.stat(f"cluster.extauthz.upstream_rq_{kind}_overflow")
+                for kind in ("active", "pending")
+            }
             hits = envoy.upstream.hits
     finally:
         authorizer.release.set()
@@ -366,7 +375,12 @@ async def test_a_flood_through_envoy_gets_no_allow_beyond_the_limit(
             allowed += status == 200
     assert after[0][0] == 200
     assert hits == allowed + 1  # only the policy's allows reached the workload
+    # Envoy counted every check once, and an allow only for the policy's allows.
+    assert sum(checks.values()) == ENVOY_FLOOD + 1
+    assert checks["ok"] == allowed + 1
     if breaker is None:
-        assert (errors, overflow) == (0, 0)
-    else:
-        assert errors == overflow == ENVOY_FLOOD - ENVOY_LIMIT
+        assert checks["error"] == 0
+        assert overflow == {"active": 0, "pending": 0}
+    else:  # every refusal is the breaker's, counted as an ext_authz error, none allowed
+        assert len(refused_at) == ENVOY_FLOOD - ENVOY_LIMIT
+        assert checks["error"] == sum(overflow.values()) == len(refused_at), overflow
