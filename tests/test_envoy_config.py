@@ -18,17 +18,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from extauthz.devtools.envoy import (
+    EXTAUTHZ_CLUSTERS,
     EnvoyProcess,
     dump_config,
     find_envoy,
     free_port,
     load_config,
     render_sidecar,
+    sidecar_transport,
     validate,
 )
 from extauthz.devtools.pki import DevCA, write_pki
 
 SIDECAR = Path(__file__).resolve().parents[1] / "envoy" / "sidecar.yaml"
+# Every sidecar template: ext_authz over gRPC, and over Envoy's http_service.
+SIDECARS = [SIDECAR, SIDECAR.with_name("sidecar-http.yaml")]
 TRUST_DOMAIN = "example.org"
 ORDERS_ID = "spiffe://example.org/ns/shop/sa/orders"
 
@@ -39,7 +43,9 @@ def certs(tmp_path: Path) -> dict[str, Path]:
     return {"ca": written["ca"], "cert": written["workload"], "key": written["workload-key"]}
 
 
-def _render(certs: dict[str, Path], /, **overrides: Any) -> dict[str, Any]:
+def _render(
+    certs: dict[str, Path], /, template: Path = SIDECAR, **overrides: Any
+) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "listen_port": free_port(),
         "admin_port": free_port(),
@@ -48,7 +54,7 @@ def _render(certs: dict[str, Path], /, **overrides: Any) -> dict[str, Any]:
         "certs": certs,
     }
     kwargs.update(overrides)
-    return render_sidecar(SIDECAR, **kwargs)
+    return render_sidecar(template, **kwargs)
 
 
 def _walk(node: Any, key: str) -> list[Any]:
@@ -71,17 +77,35 @@ def _ext_authz(config: dict[str, Any]) -> dict[str, Any]:
     return ext_authz["typed_config"]  # type: ignore[no-any-return]
 
 
+def _workload_fields(config: dict[str, Any], template: Path) -> dict[str, str]:
+    """What tells extauthz the workload: a route's context_extensions over gRPC, the fields
+    of x-extauthz-peer in front of Envoy's own (src, dst, uri) over HTTP."""
+    if sidecar_transport(config, template) == "grpc":
+        (ext,) = _walk(config, "context_extensions")
+        return ext  # type: ignore[no-any-return]
+    (peer,) = _walk(config, "headers_to_add")[0]
+    assert peer["key"] == "x-extauthz-peer"
+    head, _, uri = peer["value"].partition(";src=")
+    assert uri.endswith(";uri=%DOWNSTREAM_PEER_URI_SAN%")
+    return dict(field.partition("=")[::2] for field in head.split(";"))
+
+
 # --- the shipped sidecar ------------------------------------------------------------------
 
 
-def test_shipped_sidecar_keeps_fail_closed_mtls_settings() -> None:
+@pytest.mark.parametrize("template", SIDECARS, ids=lambda p: p.name)
+def test_shipped_sidecar_keeps_fail_closed_mtls_settings(template: Path) -> None:
     # These are the security-relevant choices; a silent edit to any of them is a regression.
-    config = load_config(SIDECAR)
+    config = load_config(template)
     authz = _ext_authz(config)
     assert authz["failure_mode_allow"] is False
     assert authz["status_on_error"] == {"code": "ServiceUnavailable"}
-    assert authz["include_peer_certificate"] is True
-    assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == "extauthz"
+    if sidecar_transport(config, template) == "grpc":
+        assert authz["include_peer_certificate"] is True
+        assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == "extauthz"
+    else:  # the identity travels in x-extauthz-peer: tests/test_envoy_http.py
+        assert authz["http_service"]["server_uri"]["cluster"] == "extauthz_http"
+        assert _workload_fields(config, template)["namespace"] == "shop"
     (tls,) = _walk(config, "require_client_certificate")
     assert tls is True
     (hcm,) = (h for h in _walk(config, "typed_config") if "forward_client_cert_details" in h)
@@ -89,29 +113,36 @@ def test_shipped_sidecar_keeps_fail_closed_mtls_settings() -> None:
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
+@pytest.mark.parametrize("template", SIDECARS, ids=lambda p: p.name)
 @pytest.mark.parametrize(
     "context_extensions", [None, {"namespace": "payments", "labels": "app=ledger,tier=db"}]
 )
 def test_shipped_sidecar_validates_with_dev_certs(
-    tmp_path: Path, certs: dict[str, Path], context_extensions: dict[str, str] | None
+    tmp_path: Path,
+    certs: dict[str, Path],
+    context_extensions: dict[str, str] | None,
+    template: Path,
 ) -> None:
-    config = _render(certs, context_extensions=context_extensions)
+    config = _render(certs, template, context_extensions=context_extensions)
 
     assert {s["address"] for s in _walk(config, "socket_address")} == {"127.0.0.1"}
     assert "/etc/extauthz" not in yaml.safe_dump(config)
-    (ext,) = _walk(config, "context_extensions")
-    assert ext == (context_extensions or {"namespace": "shop", "labels": "app=orders"})
+    assert _workload_fields(config, template) == (
+        context_extensions or {"namespace": "shop", "labels": "app=orders"}
+    )
     validate(dump_config(config, tmp_path / "sidecar.yaml"))
 
 
+@pytest.mark.parametrize("template", SIDECARS, ids=lambda p: p.name)
 @pytest.mark.parametrize("where", ["file", "abstract"])
 def test_render_unix_socket_uses_pipe_and_validates(
-    tmp_path: Path, certs: dict[str, Path], where: str
+    tmp_path: Path, certs: dict[str, Path], where: str, template: Path
 ) -> None:
     path = str(tmp_path / "authz.sock") if where == "file" else "@extauthz-test"
-    config = _render(certs, extauthz_port=None, extauthz_unix=path)
+    config = _render(certs, template, extauthz_port=None, extauthz_unix=path)
 
-    (lb,) = _cluster(config, "extauthz")["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    cluster = _cluster(config, EXTAUTHZ_CLUSTERS[sidecar_transport(config, template)])
+    (lb,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert lb["endpoint"]["address"] == {"pipe": {"path": path}}
     validate(dump_config(config, tmp_path / "sidecar.yaml"))
 
@@ -125,18 +156,20 @@ def test_render_unix_socket_uses_pipe_and_validates(
         ({"certs": {"ca": Path("ca.pem")}}, "missing"),
     ],
 )
+@pytest.mark.parametrize("template", SIDECARS, ids=lambda p: p.name)
 def test_render_rejects_bad_arguments(
-    certs: dict[str, Path], overrides: dict[str, Any], message: str
+    certs: dict[str, Path], overrides: dict[str, Any], message: str, template: Path
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        _render(certs, **overrides)
+        _render(certs, template, **overrides)
 
 
+@pytest.mark.parametrize("template", SIDECARS, ids=lambda p: p.name)
 @pytest.mark.parametrize(("kind", "name"), [("clusters", "upstream"), ("listeners", "inbound")])
 def test_render_names_what_the_template_lacks(
-    tmp_path: Path, certs: dict[str, Path], kind: str, name: str
+    tmp_path: Path, certs: dict[str, Path], kind: str, name: str, template: Path
 ) -> None:
-    config = load_config(SIDECAR)
+    config = load_config(template)
     resources = config["static_resources"]
     resources[kind] = [r for r in resources[kind] if r["name"] != name]
     template = dump_config(config, tmp_path / "template.yaml")

@@ -20,14 +20,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Literal, Self
 
 import yaml
 
 __all__ = [
+    "EXTAUTHZ_CLUSTERS",
     "EnvoyProcess",
+    "Transport",
     "dump_config",
     "extauthz_tls_socket",
     "find_envoy",
@@ -37,8 +39,15 @@ __all__ = [
     "render_front_proxy",
     "render_sidecar",
     "render_workers",
+    "sidecar_transport",
     "validate",
 ]
+
+Transport = Literal["grpc", "http"]
+# The sidecar templates' cluster for extauthz, by transport.
+EXTAUTHZ_CLUSTERS: dict[Transport, str] = {"grpc": "extauthz", "http": "extauthz_http"}
+PEER_HEADER = "x-extauthz-peer"  # extauthz.request.PEER_HEADER (stdlib-only module here)
+_PEER_CONNECTION = frozenset({"src", "dst", "uri"})  # Envoy's fields in PEER_HEADER
 
 _EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 _TLS_SOCKET = "envoy.transport_sockets.tls"
@@ -122,12 +131,23 @@ def render_sidecar(
     extauthz_tls: Mapping[str, Any] | None = None,
     listen_address: str = "127.0.0.1",
     hosts: Mapping[str, str] | None = None,
+    extauthz_workers: int = 1,
+    http_path_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Adapt the sidecar template to a local run: loopback everywhere, given ports and certs.
 
+    The template's ext_authz filter says how Envoy asks extauthz (:func:`sidecar_transport`):
+    over gRPC (``envoy/sidecar.yaml``, cluster ``extauthz``) or HTTP
+    (``envoy/sidecar-http.yaml``, cluster ``extauthz_http``, ``serve --http-listen``).
+
     ``certs`` needs keys ``ca``, ``cert`` and ``key``. Exactly one of ``extauthz_port`` and
     ``extauthz_unix`` (a socket path, or ``@name`` for the abstract namespace) selects how
-    Envoy reaches extauthz. ``context_extensions`` replaces those sent with every check.
+    Envoy reaches extauthz; with ``extauthz_workers`` N > 1 the cluster gets one endpoint per
+    worker of ``serve --workers N``, numbered as extauthz numbers them (port + i, or
+    ``x-i.sock`` for ``x.sock``). ``context_extensions`` replaces those sent with every
+    check: a route's context_extensions over gRPC, the fields in front of ``src=`` of the
+    ``x-extauthz-peer`` header over HTTP. ``http_path_prefix`` (HTTP only) replaces the
+    template's ``path_prefix`` (``""``: none); it must equal ``serve --http-path-prefix``.
     ``collector_port`` is the OTLP/gRPC collector Envoy's tracer exports to (default: the
     template's), ``service_name`` the service its spans are from.
     ``extauthz_tls`` makes Envoy reach extauthz over TLS (:func:`extauthz_tls_socket`): keys
@@ -140,27 +160,38 @@ def render_sidecar(
     """
     if (extauthz_port is None) == (extauthz_unix is None):
         raise ValueError("pass exactly one of extauthz_port and extauthz_unix")
-    if hosts and extauthz_unix is not None and "extauthz" in hosts:
-        raise ValueError("hosts['extauthz'] names a TCP host, but extauthz_unix was given")
+    if extauthz_workers < 1:
+        raise ValueError(f"extauthz_workers {extauthz_workers}: expected 1 or more")
     config = _local_config(template, admin_port, certs)
     listener = _named(config, "listeners", "inbound", template)
+    transport = sidecar_transport(config, template)
+    cluster_name = EXTAUTHZ_CLUSTERS[transport]
+    if hosts and extauthz_unix is not None and cluster_name in hosts:
+        raise ValueError(f"hosts[{cluster_name!r}] names a TCP host, but extauthz_unix was given")
+    if transport == "http" and extauthz_tls is not None:
+        raise ValueError(
+            "extauthz_tls: extauthz's HTTP listener is plaintext on loopback or a Unix socket"
+        )
+    if transport == "grpc" and http_path_prefix is not None:
+        raise ValueError(f"http_path_prefix: {template} asks extauthz over gRPC")
     listener["address"]["socket_address"]["address"] = listen_address
     listener["address"]["socket_address"]["port_value"] = listen_port
     _set_tls_files(listener, certs, template, "inbound")
 
+    endpoint = _endpoint(config, cluster_name, template)
     if extauthz_unix is not None:
         _check_unix_path(extauthz_unix)
-        _endpoint(config, "extauthz", template)["address"] = {"pipe": {"path": extauthz_unix}}
+        endpoint["address"] = {"pipe": {"path": extauthz_unix}}
     else:
-        _endpoint(config, "extauthz", template)["address"]["socket_address"]["port_value"] = (
-            extauthz_port
-        )
+        endpoint["address"]["socket_address"]["port_value"] = extauthz_port
+    if extauthz_workers > 1:
+        _number_endpoints(config, cluster_name, template, extauthz_workers)
     _endpoint(config, "upstream", template)["address"]["socket_address"]["port_value"] = (
         upstream_port
     )
     if extauthz_tls is not None:
-        _named(config, "clusters", "extauthz", template)["transport_socket"] = extauthz_tls_socket(
-            **extauthz_tls
+        _named(config, "clusters", cluster_name, template)["transport_socket"] = (
+            extauthz_tls_socket(**extauthz_tls)
         )
 
     if collector_port is not None:
@@ -178,7 +209,19 @@ def render_sidecar(
         for tracer in tracers:
             tracer["service_name"] = service_name
 
-    if context_extensions is not None:
+    if transport == "http":
+        service = _ext_authz_filter(listener, template)["http_service"]
+        if extauthz_port is not None:  # only the Host of the checks: the cluster routes
+            host = (hosts or {}).get(cluster_name, "127.0.0.1")
+            service["server_uri"]["uri"] = f"http://{host}:{extauthz_port}"
+        if http_path_prefix:
+            service["path_prefix"] = http_path_prefix
+        elif http_path_prefix is not None:
+            service.pop("path_prefix", None)
+        if context_extensions is not None:
+            option = _peer_header(service, template)
+            option["value"] = _peer_value(option["value"], context_extensions)
+    elif context_extensions is not None:
         settings = [
             per_filter[_EXT_AUTHZ_FILTER].setdefault("check_settings", {})
             for per_filter in _find_key(listener, "typed_per_filter_config")
@@ -194,6 +237,62 @@ def render_sidecar(
         if not _is_ip(host):
             _named(config, "clusters", cluster, template)["type"] = "STRICT_DNS"
     return config
+
+
+def sidecar_transport(config: Mapping[str, Any], template: Path) -> Transport:
+    """How the sidecar's ext_authz filter asks extauthz: ``grpc`` (``grpc_service``) or
+    ``http`` (``http_service``, extauthz's ``--http-listen``)."""
+    listener = _named(dict(config), "listeners", "inbound", template)
+    ext_authz = _ext_authz_filter(listener, template)
+    found: list[Transport] = [t for t in ("grpc", "http") if f"{t}_service" in ext_authz]
+    if len(found) != 1:
+        raise ValueError(f"{template}: ext_authz needs one of grpc_service and http_service")
+    return found[0]
+
+
+def _ext_authz_filter(listener: dict[str, Any], template: Path) -> dict[str, Any]:
+    filters = [
+        f["typed_config"]
+        for chain in _find_key(listener, "typed_config")
+        for f in chain.get("http_filters", [])
+        if f.get("name") == _EXT_AUTHZ_FILTER
+    ]
+    if len(filters) != 1:
+        raise ValueError(f"{template}: expected one {_EXT_AUTHZ_FILTER} on 'inbound'")
+    found: dict[str, Any] = filters[0]
+    return found
+
+
+def _peer_header(service: dict[str, Any], template: Path) -> dict[str, Any]:
+    for option in service.get("authorization_request", {}).get("headers_to_add", []):
+        if option.get("key") == PEER_HEADER:
+            found: dict[str, Any] = option
+            return found
+    raise ValueError(f"{template}: http_service adds no {PEER_HEADER} header")
+
+
+def _peer_value(template_value: str, fields: Mapping[str, str]) -> str:
+    """``template_value`` with ``fields`` in place of its own namespace/labels fields;
+    Envoy's connection fields (``src``, ``dst``, ``uri``: the last) kept as they are."""
+    if template_value.startswith("uri="):
+        head, sep, uri = "", "uri=", template_value.removeprefix("uri=")
+    else:
+        head, sep, uri = template_value.partition(";uri=")
+    if not sep:
+        raise ValueError(f"{PEER_HEADER} {template_value!r}: no uri= field")
+    connection = [p for p in head.split(";") if p.partition("=")[0] in _PEER_CONNECTION]
+    for key, value in fields.items():
+        # extauthz splits the value at ';' and '=', the uri field takes the rest, and Envoy
+        # expands '%'. A 'uri=' anywhere in a field is refused too: the parser of d975f66
+        # took the first 'uri=' in the value for the field.
+        if not key or any(c in key for c in ";=%") or key in _PEER_CONNECTION:
+            raise ValueError(f"context extension {key!r}: not a field name for {PEER_HEADER}")
+        if any(c in value for c in ";%") or "uri=" in value or "uri=" in f"{key}=":
+            raise ValueError(
+                f"context extension {key}={value!r}: ';', '%' and 'uri=' cannot be in {PEER_HEADER}"
+            )
+    own = [f"{key}={value}" for key, value in fields.items()]
+    return ";".join([*own, *connection, f"uri={uri}"])
 
 
 def extauthz_tls_socket(
@@ -515,6 +614,27 @@ def _endpoint(config: dict[str, Any], cluster: str, template: Path) -> dict[str,
         )
     endpoint: dict[str, Any] = lb_endpoints[0]["endpoint"]
     return endpoint
+
+
+def _number_endpoints(config: dict[str, Any], cluster: str, template: Path, count: int) -> None:
+    """Worker 0's endpoint of ``cluster`` copied for workers 1..count-1 (``serve --workers``:
+    worker i on port + i, or on ``x-i.sock`` for ``x.sock``)."""
+    shape = _endpoint(config, cluster, template)
+    address = shape["address"]
+    endpoints: list[dict[str, Any]] = []
+    for i in range(count):
+        if "pipe" in address:
+            path = PurePosixPath(address["pipe"]["path"])
+            numbered = path.with_name(f"{path.stem}-{i}{path.suffix}")
+            _check_unix_path(str(numbered))
+            where: dict[str, Any] = {"pipe": {"path": str(numbered)}}
+        else:
+            sock = address["socket_address"]
+            where = {"socket_address": {**sock, "port_value": sock["port_value"] + i}}
+        endpoints.append({"endpoint": {**copy.deepcopy(shape), "address": where}})
+    _named(config, "clusters", cluster, template)["load_assignment"]["endpoints"] = [
+        {"lb_endpoints": endpoints}
+    ]
 
 
 def _set_tls_files(

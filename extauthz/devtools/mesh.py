@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -23,13 +23,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import devcli
-from .envoy import EnvoyProcess, free_port, render_sidecar
+from .envoy import EnvoyProcess, Transport, free_port, free_ports, render_sidecar
 from .idp import DevIdP
 from .pki import DevCA
 from .upstream import EchoServer
 
 REPO = Path(__file__).resolve().parents[2]
 SIDECAR_TEMPLATE = REPO / "envoy" / "sidecar.yaml"
+# The same sidecar asking extauthz's --http-listen over Envoy's http_service.
+SIDECAR_HTTP_TEMPLATE = REPO / "envoy" / "sidecar-http.yaml"
+SIDECAR_TEMPLATES: dict[Transport, Path] = {"grpc": SIDECAR_TEMPLATE, "http": SIDECAR_HTTP_TEMPLATE}
 EXAMPLE_POLICIES = REPO / "policies"
 TRUST_DOMAIN = devcli.DEFAULT_TRUST_DOMAIN
 NAMESPACE = devcli.DEFAULT_NAMESPACE
@@ -80,8 +83,16 @@ class Mesh:
     ports: Mapping[str, int] = field(default_factory=dict)
     # Files added to the copy of ``policies`` before extauthz starts: relative path -> YAML.
     extra_policies: Mapping[str, str] = field(default_factory=dict)
+    # How the sidecars ask extauthz: gRPC (envoy/sidecar.yaml), or HTTP (envoy/sidecar-http.yaml,
+    # extauthz with --http-listen beside its gRPC --listen, which still answers health checks).
+    transport: Transport = "grpc"
+    # HTTP: Envoy's path_prefix and extauthz's --http-path-prefix ("": none).
+    http_path_prefix: str = "/check"
+    # extauthz runs `serve --workers N` (N > 1): each sidecar gets one endpoint per worker.
+    workers: int = 1
     services: dict[str, Workload] = field(default_factory=dict)
     extauthz_port: int = 0
+    http_port: int = 0  # extauthz's --http-listen port (worker 0's), with transport "http"
     _extauthz: subprocess.Popen[bytes] | None = None
     _certs: dict[str, Path] = field(default_factory=dict)
     _ca: DevCA | None = None
@@ -120,6 +131,8 @@ class Mesh:
         if self.extauthz_tls:
             if self.unix_socket:
                 raise ValueError("extauthz_tls: TLS over the Unix socket is not supported")
+            if self.transport == "http":
+                raise ValueError("extauthz_tls: extauthz's HTTP listener has no TLS")
             self.issue_extauthz_cert(ca)
         # A caller whose certificate chains to another CA: Envoy must refuse the handshake.
         rogue = DevCA.create(TRUST_DOMAIN).issue_svid(self.spiffe_id("frontend"))
@@ -143,6 +156,32 @@ class Mesh:
         if self.unix_socket:
             return f"unix:{self.workdir / 'extauthz.sock'}"
         return f"127.0.0.1:{self.extauthz_port}"
+
+    @property
+    def http_target(self) -> str:
+        """Where extauthz's HTTP listener is, as ``--http-listen`` spells it."""
+        if self.unix_socket:
+            return f"unix:{self.workdir / 'extauthz-http.sock'}"
+        return f"127.0.0.1:{self.http_port}"
+
+    def worker_targets(self, target: str) -> list[str]:
+        """``target`` (as ``--listen`` or ``--http-listen`` spells it) for each worker: itself
+        without --workers, else port + i or ``x-i.sock`` (extauthz.workers.numbered)."""
+        if self.workers == 1:
+            return [target]
+        if target.startswith("unix:"):
+            path = Path(target.removeprefix("unix:"))
+            return [
+                f"unix:{path.with_name(f'{path.stem}-{i}{path.suffix}')}"
+                for i in range(self.workers)
+            ]
+        host, _, port = target.rpartition(":")
+        return [f"{host}:{int(port) + i}" for i in range(self.workers)]
+
+    @property
+    def extauthz_pid(self) -> int | None:
+        """The extauthz process (with --workers: the supervisor), while it runs."""
+        return self._extauthz.pid if self._extauthz is not None else None
 
     def issue_extauthz_cert(self, ca: DevCA | None = None) -> None:
         """Write extauthz's server certificate and key from the mesh's CA (again: a rotation,
@@ -198,8 +237,13 @@ class Mesh:
         """Start extauthz (again, after a stop or kill: on the same address Envoy knows)."""
         if self._extauthz is not None:
             raise RuntimeError("extauthz is already running")
+        if self.workers < 1:
+            raise ValueError(f"workers {self.workers}: expected 1 or more")
         if not self.extauthz_port:
-            self.extauthz_port = free_port()
+            # --workers N takes N consecutive ports per listener: one block for both.
+            self.extauthz_port = free_ports(2 * self.workers) if self.workers > 1 else free_port()
+        if self.transport == "http" and not self.http_port:
+            self.http_port = self.extauthz_port + self.workers if self.workers > 1 else free_port()
         if self.collector_port is None:
             otel = {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
         else:
@@ -224,6 +268,8 @@ class Mesh:
                 # envoy/sidecar.yaml sets x-forwarded-client-cert itself (SANITIZE_SET).
                 "--trust-xfcc",
                 *self._tls_args(),
+                *self._http_args(),
+                *(["--workers", str(self.workers)] if self.workers > 1 else []),
                 *self.extauthz_args,
             ],
             stdout=log,
@@ -231,36 +277,72 @@ class Mesh:
             env=env,
         )
         log.close()
-        wait_serving(
-            self.extauthz_target,
-            self._extauthz,
-            self.extauthz_log,
-            credentials=self.extauthz_credentials([*self.workloads, *self.clients][0]),
-        )
+        # The HTTP listener is bound before the gRPC server reports SERVING.
+        for target in self.worker_targets(self.extauthz_target):
+            wait_serving(
+                target,
+                self._extauthz,
+                self.extauthz_log,
+                credentials=self.extauthz_credentials([*self.workloads, *self.clients][0]),
+            )
+
+    def _http_args(self) -> list[str]:
+        if self.transport != "http":
+            return []
+        prefix = ["--http-path-prefix", self.http_path_prefix] if self.http_path_prefix else []
+        return ["--http-listen", self.http_target, *prefix]
 
     def _start_workload(self, name: str) -> None:
-        upstream = EchoServer(name).start()
-        port, admin = self.ports.get(name) or free_port(), free_port()
+        self.add_sidecar(name, port=self.ports.get(name) or 0)
+
+    def add_sidecar(
+        self,
+        name: str,
+        *,
+        svid: str | None = None,
+        labels: str | None = None,
+        upstream: EchoServer | None = None,
+        port: int = 0,
+        tweak: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Workload:
+        """Start a sidecar named ``name`` in front of ``upstream`` (a started server; default:
+        a new echo server), serving the SVID of workload ``svid`` (default ``name``) and protecting
+        ``labels`` (default ``app=<name>``); ``tweak`` edits the rendered config before Envoy
+        starts. Registered in :attr:`services`, so :meth:`stop` stops it and :meth:`call`
+        reaches it."""
+        svid = svid or name
+        upstream = upstream or EchoServer(name).start()
+        port, admin = port or free_port(), free_port()
+        http = self.transport == "http"
+        unix = self.http_target if http else self.extauthz_target
         config = render_sidecar(
-            SIDECAR_TEMPLATE,
+            SIDECAR_TEMPLATES[self.transport],
             listen_port=port,
             admin_port=admin,
-            extauthz_port=None if self.unix_socket else self.extauthz_port,
-            extauthz_unix=str(self.workdir / "extauthz.sock") if self.unix_socket else None,
+            extauthz_port=None
+            if self.unix_socket
+            else (self.http_port if http else self.extauthz_port),
+            extauthz_unix=unix.removeprefix("unix:") if self.unix_socket else None,
             upstream_port=upstream.port,
             certs={
                 "ca": self._certs["ca"],
-                "cert": self._certs[name],
-                "key": self._certs[f"{name}-key"],
+                "cert": self._certs[svid],
+                "key": self._certs[f"{svid}-key"],
             },
-            context_extensions={"namespace": NAMESPACE, "labels": f"app={name}"},
+            context_extensions={"namespace": NAMESPACE, "labels": labels or f"app={name}"},
             collector_port=self.collector_port,
             service_name=name,
-            extauthz_tls=self.extauthz_tls_files(name),
+            extauthz_tls=self.extauthz_tls_files(svid),
+            extauthz_workers=self.workers,
+            http_path_prefix=self.http_path_prefix if http else None,
         )
+        if tweak is not None:
+            tweak(config)
         envoy = EnvoyProcess(config, workdir=self.workdir, admin_port=admin)
-        self.services[name] = Workload(name, self.spiffe_id(name), port, upstream, envoy)
+        workload = Workload(name, self.spiffe_id(svid), port, upstream, envoy)
+        self.services[name] = workload
         envoy.start()
+        return workload
 
     def kill_extauthz(self) -> None:
         """SIGKILL extauthz: a crash, with no drain."""
