@@ -458,9 +458,13 @@ def _parse_peer(value: str) -> _Peer:
     """The fields of :data:`PEER_HEADER`.
 
     ``uri`` comes last and takes the rest of the value: a URI may hold ``;``. Several URI
-    SANs (Envoy joins them with ``,``) give the first, as ``source.principal`` does.
+    SANs (Envoy joins them with ``,``) give the first, as ``source.principal`` does. The
+    field starts the value or follows a ``;``: a label key ending in ``uri`` is no field.
     """
-    head, sep, uris = value.partition("uri=")
+    if value.startswith("uri="):
+        head, sep, uris = "", "uri=", value[4:]
+    else:
+        head, sep, uris = value.partition(";uri=")
     if not sep:
         raise RequestError(f"{PEER_HEADER}: no uri= field (is Envoy's headers_to_add set?)")
     fields = dict(part.partition("=")[::2] for part in head.split(";") if part)
@@ -489,9 +493,10 @@ def from_http(method: str, target: str, headers: dict[str, str], prefix: str = "
     either transport. Raises :class:`RequestError` for a target outside ``prefix``.
     """
     if prefix:
-        if not target.startswith(prefix):
+        rest = target[len(prefix) :]
+        if not target.startswith(prefix) or rest[:1] not in ("", "/", "?"):
             raise RequestError(f"request target {target[:200]!r} is not under {prefix!r}")
-        target = target[len(prefix) :] or "/"
+        target = rest if rest[:1] == "/" else "/" + rest
     if not target.startswith("/"):
         raise RequestError(f"request target {target[:200]!r}: expected an origin-form path")
     value = headers.get(PEER_HEADER)

@@ -172,7 +172,9 @@ class UnsafeHeaderError(ValueError):
 def _http_header(name: str, value: str) -> bytes:
     if not _UNSAFE.isdisjoint(name) or not _UNSAFE.isdisjoint(value):
         raise UnsafeHeaderError(f"header {name!r}: CR, LF or NUL in its name or value")
-    return f"{name}: {value}\r\n".encode("latin-1", "replace")
+    # UTF-8, the bytes a CheckResponse's HeaderValue carries: Envoy copies header bytes as
+    # they are, so a claim like "Zoë" reaches the upstream alike over either transport.
+    return f"{name}: {value}\r\n".encode()
 
 
 _http_header_lru = lru_cache(maxsize=4096)(_http_header)
@@ -194,6 +196,20 @@ def _status_line(status: int) -> bytes:
 
 
 _ALLOW_LINE = _status_line(200)
+_HTTP_ID = f"{DECISION_ID_HEADER}: ".encode()
+
+
+def _http_id_header(decision_id: str) -> bytes:
+    if len(decision_id) == _ID_LENGTH and decision_id.isalnum():  # new_decision_id()'s hex
+        return _HTTP_ID + decision_id.encode() + b"\r\n"
+    return _http_header(DECISION_ID_HEADER, decision_id)
+
+
+@lru_cache(maxsize=256)
+def _http_removed(names: tuple[str, ...]) -> bytes:
+    return _http_header(HEADERS_TO_REMOVE, ",".join(names))
+
+
 _EMPTY_BODY = b"content-length: 0\r\n\r\n"
 _CLOSE = b"connection: close\r\n"
 
@@ -206,16 +222,21 @@ def encode_http_response(decision: Decision, *, keep_alive: bool = True) -> byte
     """
     close = b"" if keep_alive else _CLOSE
     if decision.outcome is Outcome.ALLOW:
-        head = b"".join([_cached_http_header(k, v) for k, v in decision.upstream_headers])
+        head = b"".join(
+            [
+                _http_id_header(v) if k == DECISION_ID_HEADER else _cached_http_header(k, v)
+                for k, v in decision.upstream_headers
+            ]
+        )
         if decision.remove_headers:
-            head += _http_header(HEADERS_TO_REMOVE, ",".join(decision.remove_headers))
+            head += _http_removed(decision.remove_headers)
         return _ALLOW_LINE + head + close + _EMPTY_BODY
     row = OUTCOMES[decision.outcome]
     custom = decision.deny_response
     body = (custom.body if custom else deny_body(decision)).encode()
     headers = [
         _cached_http_header("content-type", custom.content_type if custom else "application/json"),
-        _http_header(DECISION_ID_HEADER, decision.decision_id),
+        _http_id_header(decision.decision_id),
         *(_cached_http_header(k, v) for k, v in decision.client_headers),
         *(_cached_http_header(k, v) for k, v in (custom.headers if custom else ())),
     ]

@@ -34,7 +34,17 @@ SCOPE = "orders.read"
 JWKS_FILE = "bench-idp.jwks.json"
 
 WORKLOADS = ("trivial", "realistic")
-SETUPS = ("none", "native", "extauthz-1", "extauthz-2", "peer")
+SETUPS = (
+    "none",
+    "native",
+    "extauthz-1",
+    "extauthz-2",
+    "extauthz-http-1",
+    "extauthz-http-2",
+    "peer",
+)
+# extauthz's setups by transport: (1 worker, 2 workers).
+EXTAUTHZ = {"grpc": ("extauthz-1", "extauthz-2"), "http": ("extauthz-http-1", "extauthz-http-2")}
 _T = "type.googleapis.com/envoy.extensions."
 _HCM = _T + "filters.network.http_connection_manager.v3.HttpConnectionManager"
 _TLS = "envoy.transport_sockets.tls"
@@ -180,6 +190,48 @@ def ext_authz_filter() -> dict[str, Any]:
             "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "1s"},
             "failure_mode_allow": False,
             "status_on_error": {"code": "ServiceUnavailable"},
+        },
+    }
+
+
+def http_ext_authz_filter() -> dict[str, Any]:
+    """ext_authz over ``http_service`` to ``serve --http-listen`` (as envoy/sidecar-http.yaml):
+    the peer header carries the namespace and the mTLS peer's URI SAN."""
+    peer = (
+        "namespace=shop;src=%DOWNSTREAM_REMOTE_ADDRESS%;dst=%DOWNSTREAM_LOCAL_ADDRESS%;"
+        "uri=%DOWNSTREAM_PEER_URI_SAN%"
+    )
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": _T + "filters.http.ext_authz.v3.ExtAuthz",
+            "http_service": {
+                "server_uri": {"uri": "http://127.0.0.1", "cluster": "authz", "timeout": "1s"},
+                "authorization_request": {
+                    "headers_to_add": [{"key": "x-extauthz-peer", "value": peer}]
+                },
+                "authorization_response": {
+                    "allowed_upstream_headers": {
+                        "patterns": [{"prefix": "x-"}, {"exact": "authorization"}]
+                    }
+                },
+            },
+            "failure_mode_allow": False,
+            "status_on_error": {"code": "ServiceUnavailable"},
+        },
+    }
+
+
+def http_authz_cluster(ports: Sequence[int]) -> dict[str, Any]:
+    """One HTTP/1.1 endpoint per worker, least request."""
+    return {
+        "name": "authz",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "load_assignment": {
+            "cluster_name": "authz",
+            "endpoints": [{"lb_endpoints": [_endpoint(p) for p in ports]}],
         },
     }
 

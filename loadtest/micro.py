@@ -9,6 +9,11 @@ Then, per stage, what each adds to the cached-token decision: each row times the
 to that stage on fresh objects (decode a new message every call, as the server does) and
 reports the difference to the row before, so the rows add up to the whole.
 
+``HTTP transport`` rows time the same cases as Envoy's ``http_service`` sends them (``serve
+--http-listen``): the request's bytes fed to the listener's connection (httptools), decided,
+encoded and recorded (metrics on, no exporter), the answer written to a transport that only
+keeps it.
+
 With ``--grpc``, the same requests through a real ``extauthz serve`` (tracing and metrics
 off, as ``loadtest.tracing_cost`` measures it): the server's CPU time per Check, of which
 the per-decision time above is extauthz's share and the rest is the gRPC runtime's (its
@@ -35,13 +40,16 @@ from typing import Any
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extauthz.authorizer import Authorizer
+from extauthz.checks import CheckRecorder
 from extauthz.devtools.idp import DevIdP
 from extauthz.devtools.mesh import EXAMPLE_POLICIES, ISSUER, JWKS_FILE
+from extauthz.httpserver import HttpCheckServer, _Connection
 from extauthz.identity import peer as peer_identity
 from extauthz.policy.engine import PolicySet
 from extauthz.policy.model import Attributes
-from extauthz.request import from_check_request
+from extauthz.request import PEER_HEADER, from_check_request
 from extauthz.response import encode_check_response
+from extauthz.telemetry import Telemetry
 
 CACHED = "allow, ES256 JWT, token cache hit (frontend -> orders)"
 AFRESH = "the same, decided afresh (Authorizer(remember=False))"
@@ -96,6 +104,47 @@ def _once(authorizer: Authorizer, raw: bytes) -> bytes:
     """What the server does per Check, minus gRPC and telemetry."""
     req = external_auth_pb2.CheckRequest.FromString(raw)
     return encode_check_response(authorizer.check(from_check_request(req)))
+
+
+def http_request(principal: str, app: str, method: str, path: str, token: str | None) -> bytes:
+    """The request Envoy's ``http_service`` sends for :func:`_request`'s (as
+    ``envoy/sidecar-http.yaml`` configures it)."""
+    headers = {k: v for k, v in browser_headers(f"{app}.shop", method, path).items() if k[0] != ":"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    headers["content-length"] = "0"
+    headers[PEER_HEADER] = (
+        f"namespace=shop;labels=app={app};src=10.1.2.3:41234;dst=10.1.2.4:8443;"
+        f"uri=spiffe://demo.local/ns/shop/sa/{principal}"
+    )
+    lines = [f"{method} {path} HTTP/1.1", f"host: {app}.shop"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class _KeptTransport:
+    """A transport that keeps the last answer written (an asyncio.Transport's few methods
+    the listener calls)."""
+
+    last = b""
+
+    def write(self, data: bytes) -> None:
+        self.last = data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def http_connection(authorizer: Authorizer) -> tuple[Callable[[bytes], None], _KeptTransport]:
+    """One listener connection (``feed(request bytes)``) and what it answers."""
+    server = HttpCheckServer(CheckRecorder(authorizer, Telemetry(None)), "127.0.0.1:0")
+    conn = _Connection(server)
+    transport = _KeptTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return conn.data_received, transport
 
 
 def _measure(fn: Callable[[], object], n: int, rounds: int) -> list[float]:
@@ -245,11 +294,29 @@ def main() -> None:
         }
         results: dict[str, Any] = {}
         print(f"{'case':<55} {'median µs':>10} {'min µs':>8}")
+        http_cases = {
+            f"HTTP transport: {CACHED}": (
+                authorizer,
+                http_request("frontend", "orders", "GET", "/orders/42?expand=items", token),
+            ),
+            f"HTTP transport: {NO_TOKEN}": (
+                authorizer,
+                http_request("orders", "payments", "POST", "/payments/charge", None),
+            ),
+        }
         for name, (auth, raw, expected) in cases.items():
             code = external_auth_pb2.CheckResponse.FromString(_once(auth, raw)).status.code
             if code != expected:
                 raise SystemExit(f"{name}: expected status {expected}, got {code}")
             samples = _measure(lambda a=auth, raw=raw: _once(a, raw), args.n, args.rounds)
+            results[name] = {"median_us": statistics.median(samples), "min_us": min(samples)}
+            print(f"{name:<55} {statistics.median(samples):>10.1f} {min(samples):>8.1f}")
+        for name, (auth, request) in http_cases.items():
+            feed, answered = http_connection(auth)
+            feed(request)
+            if not answered.last.startswith(b"HTTP/1.1 200 "):
+                raise SystemExit(f"{name}: expected a 200, got {answered.last[:40]!r}")
+            samples = _measure(lambda f=feed, r=request: f(r), args.n, args.rounds)
             results[name] = {"median_us": statistics.median(samples), "min_us": min(samples)}
             print(f"{name:<55} {statistics.median(samples):>10.1f} {min(samples):>8.1f}")
         for name, auth in ((CACHED, authorizer), (AFRESH, afresh)):

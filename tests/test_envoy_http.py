@@ -395,11 +395,6 @@ def test_a_request_body_reaches_the_upstream_intact(mesh: Mesh) -> None:
     assert seen["headers"]["x-extauthz-spiffe-id"] == ORDERS_ID
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="extauthz writes the deny body in its answer to a HEAD check; Envoy, which expects "
-    "no body after a HEAD, counts a protocol error and drops the connection",
-)
 def test_a_denied_head_leaves_envoys_connection_to_extauthz_clean(mesh: Mesh) -> None:
     """Envoy asks with the client's method: a denied HEAD must be answered without a body."""
     name = "cluster.extauthz_http.upstream_cx_protocol_error"
