@@ -37,18 +37,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httptools
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extauthz.authorizer import Authorizer
 from extauthz.checks import CheckRecorder
+from extauthz.decision import Decision
 from extauthz.devtools.idp import DevIdP
 from extauthz.devtools.mesh import EXAMPLE_POLICIES, ISSUER, JWKS_FILE
-from extauthz.httpserver import HttpCheckServer, _Connection
+from extauthz.httpserver import HttpCheckServer, _Connection, _headers
 from extauthz.identity import peer as peer_identity
 from extauthz.policy.engine import PolicySet
 from extauthz.policy.model import Attributes
-from extauthz.request import PEER_HEADER, from_check_request
-from extauthz.response import encode_check_response
+from extauthz.request import PEER_HEADER, CheckInput, from_check_request, from_http
+from extauthz.response import encode_check_response, encode_http_response
 from extauthz.telemetry import Telemetry
 
 CACHED = "allow, ES256 JWT, token cache hit (frontend -> orders)"
@@ -195,6 +197,68 @@ def _stages(authorizer: Authorizer, raw: bytes) -> list[tuple[str, Callable[[], 
     ]
 
 
+class _Collect:
+    """httptools' callbacks, collecting as the listener's connection does."""
+
+    url = b""
+    names: list[bytes]
+    values: list[bytes]
+
+    def on_message_begin(self) -> None:
+        self.names, self.values = [], []
+
+    def on_url(self, url: bytes) -> None:
+        self.url = url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.names.append(name)
+        self.values.append(value)
+
+
+def _http_stages(authorizer: Authorizer, raw: bytes) -> list[tuple[str, Callable[[], object]]]:
+    """The HTTP transport's cumulative pipelines, as :func:`_stages` for gRPC."""
+    collect = _Collect()
+    parser = httptools.HttpRequestParser(collect)
+    telemetry = Telemetry(None)
+
+    def parse() -> object:
+        parser.feed_data(raw)
+        return collect
+
+    def headers() -> dict[str, str]:
+        parse()
+        found = _headers(collect.names, collect.values)
+        assert found is not None
+        return found
+
+    def model() -> CheckInput:
+        return from_http("GET", collect.url.decode(), headers())
+
+    def decide() -> Decision:
+        return authorizer.check_now(model())[0]
+
+    def encode() -> bytes:
+        return encode_http_response(decide())
+
+    def record() -> bytes:
+        start = time.perf_counter_ns()
+        decision = decide()
+        answer = encode_http_response(decision)
+        telemetry.record(decision, None, start)
+        return answer
+
+    feed, _ = http_connection(authorizer)
+    return [
+        ("parse (httptools, the callbacks collect)", parse),
+        ("headers (decoded, lower-cased, one dict)", headers),
+        ("request model (from_http)", model),
+        ("decision (Authorizer.check_now)", decide),
+        ("encode (encode_http_response)", encode),
+        ("metrics (Telemetry.record)", record),
+        ("the listener's own (handle, write, in-flight count)", lambda: feed(raw)),
+    ]
+
+
 def _grpc(
     cases: dict[str, bytes], policies: Path, rounds: int, n: int, uvloop: bool
 ) -> dict[str, dict[str, float]]:
@@ -319,9 +383,13 @@ def main() -> None:
             samples = _measure(lambda f=feed, r=request: f(r), args.n, args.rounds)
             results[name] = {"median_us": statistics.median(samples), "min_us": min(samples)}
             print(f"{name:<55} {statistics.median(samples):>10.1f} {min(samples):>8.1f}")
-        for name, auth in ((CACHED, authorizer), (AFRESH, afresh)):
+        http_hit = http_cases[f"HTTP transport: {CACHED}"][1]
+        for name, pipelines in (
+            (CACHED, _stages(authorizer, hit)),
+            (AFRESH, _stages(afresh, hit)),
+            (f"HTTP transport: {CACHED}", _http_stages(authorizer, http_hit)),
+        ):
             print(f"\nwhere the time of '{name}' goes (median µs, each stage's own):")
-            pipelines = _stages(auth, hit)
             timings: dict[str, list[float]] = {label: [] for label, _ in pipelines}
             for _ in range(args.rounds):  # interleaved: a busy neighbour slows all alike
                 for label, fn in pipelines:

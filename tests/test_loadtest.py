@@ -77,8 +77,9 @@ def test_the_tracing_cost_benchmark_runs(tmp_path: Path) -> None:
 
 def test_the_envoy_benchmark_runs_every_kind_of_setup(tmp_path: Path) -> None:
     """One short round through real Envoys: native RBAC + jwt_authn, extauthz with two
-    workers, the realistic workload's mTLS front Envoy; each setup's preflight (the request
-    allowed, a request without the scope refused) runs first."""
+    workers over gRPC and one over HTTP, the realistic workload's mTLS front Envoy; each
+    setup's preflight (the request allowed, a request without the scope refused) runs
+    first."""
     stdout = run_benchmark(
         "bench",
         "--seconds",
@@ -86,7 +87,7 @@ def test_the_envoy_benchmark_runs_every_kind_of_setup(tmp_path: Path) -> None:
         "--rounds",
         "1",
         "--setups",
-        "none,native,extauthz-2",
+        "none,native,extauthz-2,extauthz-http-1",
         "--workloads",
         "realistic",
         "--connections",
@@ -95,12 +96,14 @@ def test_the_envoy_benchmark_runs_every_kind_of_setup(tmp_path: Path) -> None:
         str(tmp_path),
     )
     assert "| extauthz-2 |" in stdout
+    assert "| extauthz-http-1 |" in stdout
     assert "| native |" in stdout
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["machine"]["cores"] == os.cpu_count()
     assert {"python", "envoy", "grpcio", "wrk"} <= result["versions"].keys()
     measured = {(r["setup"], r["connections"]) for r in result["rounds"]}
-    assert measured == {(s, c) for s in ("none", "native", "extauthz-2") for c in (8, 1)}
+    setups = ("none", "native", "extauthz-2", "extauthz-http-1")
+    assert measured == {(s, c) for s in setups for c in (8, 1)}
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in result["rounds"])
     assert "added_p50_us" in result["summary"]["realistic"]["extauthz-2"]["c1"]
     assert result["summary"]["realistic"]["extauthz-2"]["c8"]["h2load_rps"] > 0
