@@ -44,6 +44,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "faster than gRPC, docs/envoy.md; default: off)",
     )
     p.add_argument(
+        "--http-upstream-headers",
+        default="x-*,authorization",
+        help="the header names Envoy's allowed_upstream_headers lets upstream, prefixes "
+        "ending in '*' (default: x-*,authorization, as envoy/sidecar-http.yaml); a header "
+        "extauthz sets under another name is removed instead",
+    )
+    p.add_argument(
         "--http-path-prefix",
         default="",
         help="the path_prefix of Envoy's http_service, removed from the path (default: none)",
@@ -282,6 +289,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         max_concurrent_checks=getattr(args, "max_concurrent_checks", DEFAULT_MAX_CONCURRENT_CHECKS),
         http_listen=getattr(args, "http_listen", None),
         http_path_prefix=getattr(args, "http_path_prefix", ""),
+        http_upstream_headers=getattr(args, "http_upstream_headers", "x-*,authorization"),
     )
 
 
@@ -387,6 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_concurrent_checks=settings.max_concurrent_checks,
         http_listen=settings.http_listen,
         http_path_prefix=settings.http_path_prefix,
+        http_upstream_headers=settings.http_upstream_headers,
     )
     try:
         factory = event_loop_factory(args.event_loop)

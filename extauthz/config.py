@@ -63,6 +63,8 @@ class Settings:
     # path_prefix Envoy puts in front of the client's path.
     http_listen: str | None = None
     http_path_prefix: str = ""
+    # The names Envoy's allowed_upstream_headers lets upstream (prefixes end in '*').
+    http_upstream_headers: str = "x-*,authorization"
 
 
 def host_port(listen: str, what: str) -> tuple[str, int]:

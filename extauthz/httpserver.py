@@ -22,23 +22,25 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections import deque
 from typing import Any
 
 import httptools
 
-from .checks import FAILED, CheckRecorder
+from .checks import FAILED, CheckRecorder, Metadata
 from .decision import Decision
 from .errors import ConfigError, ExtAuthzError
 from .request import TIMEOUT_HEADER, CheckInput, from_http
-from .response import encode_http_response
+from .response import DEFAULT_UPSTREAM_NAMES, UpstreamNames, encode_http_response
 
 log = logging.getLogger(__name__)
 
 # Kept back from Envoy's timeout to send the answer (as the gRPC listener's margin).
 DEADLINE_MARGIN_SECONDS = 0.02
 MAX_HEADER_BYTES = 64 * 1024  # Envoy's own default limit on request headers is 60 KiB
+MAX_HEADERS = 256  # ... and on their number, 100
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 _BAD_BODY = b"extauthz: malformed HTTP request"
@@ -75,8 +77,16 @@ def parse_listen(listen: str, flag: str = "--http-listen") -> tuple[str, int] | 
 class HttpCheckServer:
     """The listener: start, the port it got, stop with in-flight requests answered."""
 
-    def __init__(self, recorder: CheckRecorder, listen: str, *, path_prefix: str = "") -> None:
+    def __init__(
+        self,
+        recorder: CheckRecorder,
+        listen: str,
+        *,
+        path_prefix: str = "",
+        upstream: UpstreamNames = DEFAULT_UPSTREAM_NAMES,
+    ) -> None:
         self.recorder = recorder
+        self.upstream = upstream
         self.listen = listen
         self.address = parse_listen(listen)
         if path_prefix and (not path_prefix.startswith("/") or path_prefix.endswith("/")):
@@ -96,8 +106,10 @@ class HttpCheckServer:
         try:
             if isinstance(self.address, str):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.address)  # a socket left by a process that died
+                    if stat.S_ISSOCK(os.lstat(self.address).st_mode):
+                        os.unlink(self.address)  # a socket left by a process that died
                 server = await loop.create_unix_server(lambda: _Connection(self), self.address)
+                os.chmod(self.address, 0o660)  # owner and group: the Envoy beside extauthz
             else:
                 host, port = self.address
                 server = await loop.create_server(lambda: _Connection(self), host, port)
@@ -147,12 +159,12 @@ class HttpCheckServer:
                 decision, pending, policies = recorder.authorizer.check_now(inp)
                 if pending is not None:
                     wait = _wait(recorder, timeout)
-                    conn.busy = True
                     task = asyncio.get_running_loop().create_task(
                         self._later(
                             conn, inp, decision, pending, policies, wait, request, start, wall
                         )
                     )
+                    conn.hold()
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                     return  # the task answers, and counts the check out
@@ -189,6 +201,9 @@ class HttpCheckServer:
                 log.exception("cannot decide an HTTP check after a JWKS refetch; denying")
                 self._last_resort(conn, inp, start, wall, keep_alive)
                 return
+            except BaseException:  # cancelled (the loop is closing): still one answer
+                self._last_resort(conn, inp, start, wall, keep_alive)
+                raise
             snapshot = policies if recorder.recent is not None else None
             self._answer(conn, decision, inp, snapshot, start, wall, keep_alive)
         finally:
@@ -206,14 +221,14 @@ class HttpCheckServer:
         keep_alive: bool,
     ) -> None:
         try:
-            response = encode_http_response(decision, keep_alive=keep_alive)
+            response = encode_http_response(decision, keep_alive=keep_alive, upstream=self.upstream)
         except Exception:
             log.exception("cannot encode decision %s; denying", decision.decision_id)
             self._last_resort(conn, inp, start, wall, keep_alive)
             return
         decided = wall + time.perf_counter_ns() - start
         conn.send(response, keep_alive)
-        self.recorder.finish(decision, inp, snapshot, start, wall, decided, ())
+        self.recorder.finish(decision, inp, snapshot, start, wall, decided, _metadata(self, inp))
 
     def _shed(self, conn: _Connection, request: Request, start: int, wall: int) -> None:
         method, target, headers, keep_alive = request
@@ -230,13 +245,25 @@ class HttpCheckServer:
             self._last_resort(conn, inp, start, wall, keep_alive)
             return
         conn.send(response, keep_alive)
-        self.recorder.record_undecided(decision, inp, start, wall, ())
+        self.recorder.record_undecided(decision, inp, start, wall, _metadata(self, inp))
 
     def _last_resort(
         self, conn: _Connection, inp: CheckInput | None, start: int, wall: int, keep_alive: bool
     ) -> None:
         conn.send(_LAST_RESORT[keep_alive], keep_alive)
-        self.recorder.record_undecided(FAILED, inp, start, wall, ())
+        self.recorder.record_undecided(FAILED, inp, start, wall, _metadata(self, inp))
+
+
+class _TooLarge(ValueError):
+    """A request over the listener's limits (answered 400, logged without a traceback)."""
+
+
+def _metadata(server: HttpCheckServer, inp: CheckInput | None) -> Metadata:
+    """What spans and the decision log read the trace context from: over HTTP, the check's
+    headers (Envoy puts its ext_authz span's traceparent there), only when they read it."""
+    if inp is None or not server.recorder.wants_metadata:
+        return ()
+    return inp.headers.items()
 
 
 def _wait(recorder: CheckRecorder, timeout: str | None) -> float:
@@ -294,6 +321,15 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            # Our own callback failed: a limit below (one line), or a bug (its traceback).
+            cause = exc.__context__
+            log.warning(
+                "cannot read an HTTP check (%s); answering 400",
+                cause or exc,
+                exc_info=not isinstance(cause, _TooLarge),
+            )
+            self._refuse()
         except httptools.HttpParserUpgrade:
             # An upgrade or CONNECT request was read whole and is answered (or queued) as any
             # other, with connection: close (on_message_complete): the parser reads no
@@ -317,12 +353,16 @@ class _Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > MAX_HEADER_BYTES:
+            raise _TooLarge(f"request target over {MAX_HEADER_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Called per header: only collect. Decoding the whole lot at once at the end costs
         # a few C calls instead of ~1 µs of Python per header (20 headers a check).
         self._names.append(name)
         self._values.append(value)
+        if len(self._names) > MAX_HEADERS:
+            raise _TooLarge(f"more than {MAX_HEADERS} request headers")
 
     def on_message_complete(self) -> None:
         parser = self._parser
@@ -357,9 +397,17 @@ class _Connection(asyncio.Protocol):
         if not keep_alive:
             transport.close()
 
+    def hold(self) -> None:
+        """A request waits for a JWKS refetch: queue those behind it, read no more."""
+        self.busy = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
     def resume(self) -> None:
         """The waiting request is answered: answer those queued behind it, in order."""
         self.busy = False
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
         while self._queued and not self.busy:
             self._server.handle(self, self._queued.popleft())
 

@@ -18,7 +18,7 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .errors import RequestError
+from .errors import RequestError, SpiffeIdError
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _set = object.__setattr__
@@ -426,7 +426,11 @@ def from_check_request(req: Any) -> CheckInput:
 PEER_HEADER = "x-extauthz-peer"
 TIMEOUT_HEADER = "x-envoy-expected-rq-timeout-ms"
 # Envoy's framing of the check request, not the client's request.
-_NOT_REQUEST_HEADERS = frozenset({PEER_HEADER, TIMEOUT_HEADER, "content-length"})
+# x-envoy-internal too: Envoy's HTTP client marks every check with it, so over HTTP it says
+# nothing of the client's request (a policy trusting it would trust every caller).
+_NOT_REQUEST_HEADERS = frozenset(
+    {PEER_HEADER, TIMEOUT_HEADER, "content-length", "x-envoy-internal"}
+)
 
 
 class _Peer(NamedTuple):
@@ -458,7 +462,7 @@ def _parse_peer(value: str) -> _Peer:
     """The fields of :data:`PEER_HEADER`.
 
     ``uri`` comes last and takes the rest of the value: a URI may hold ``;``. Several URI
-    SANs (Envoy joins them with ``,``) give the first, as ``source.principal`` does. The
+    SANs (Envoy joins them with ``,``) are refused (401), as are two ``uri`` fields. The
     field starts the value or follows a ``;``: a label key ending in ``uri`` is no field.
     """
     if value.startswith("uri="):
@@ -467,11 +471,19 @@ def _parse_peer(value: str) -> _Peer:
         head, sep, uris = value.partition(";uri=")
     if not sep:
         raise RequestError(f"{PEER_HEADER}: no uri= field (is Envoy's headers_to_add set?)")
+    if ";uri=" in uris:
+        # Two values joined (Envoy joins repeated headers with ','): Envoy's replaces a
+        # client's, so this is no request of the documented config; believe neither.
+        raise RequestError(f"{PEER_HEADER}: two uri= fields")
+    if "," in uris:
+        # Envoy joins several URI SANs with ',': which one is the SPIFFE ID, and whether a
+        # SAN itself held the ',', cannot be told. An SVID has exactly one URI SAN.
+        raise SpiffeIdError(f"{PEER_HEADER}: several URI SANs (an SVID has one)")
     fields = dict(part.partition("=")[::2] for part in head.split(";") if part)
     src_ip, src_port = _address(fields.pop("src", ""))
     dst_ip, dst_port = _address(fields.pop("dst", ""))
     return _Peer(
-        uris.partition(",")[0].strip(),
+        uris.strip(),
         src_ip,
         src_port,
         dst_ip,

@@ -9,6 +9,8 @@ table for Envoy's ``http_service`` (:mod:`extauthz.httpserver`).
 from __future__ import annotations
 
 import json
+import logging
+import re
 from functools import lru_cache
 from http import HTTPStatus
 from typing import Any, NamedTuple
@@ -18,9 +20,11 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
 from .decision import Decision, Outcome
+from .errors import ConfigError
 from .wire import length_prefixed, varint
 
 DECISION_ID_HEADER = "x-extauthz-decision-id"
+log = logging.getLogger(__name__)
 
 
 class Row(NamedTuple):
@@ -214,24 +218,89 @@ _EMPTY_BODY = b"content-length: 0\r\n\r\n"
 _CLOSE = b"connection: close\r\n"
 
 
-def encode_http_response(decision: Decision, *, keep_alive: bool = True) -> bytes:
-    """The HTTP/1.1 answer for ``decision``: the status, the headers and the body.
+# A header name (RFC 9110 token), or a prefix of one ending in a single '*'.
+_NAME_PATTERN = re.compile(r"[a-z0-9!#$%&'+.^_`|~-]+\*?")
+
+
+class UpstreamNames:
+    """The answer headers Envoy's ``allowed_upstream_headers`` lets upstream
+    (``--http-upstream-headers``; ``envoy/sidecar-http.yaml`` has ``x-*`` and
+    ``authorization``). A header extauthz sets under another name could not reach the
+    upstream, and the client's own copy would: such names go to the headers to remove
+    instead (logged once per name)."""
+
+    def __init__(self, patterns: str = "x-*,authorization") -> None:
+        names = [p.strip().lower() for p in patterns.split(",") if p.strip()]
+        bad = [n for n in names if _NAME_PATTERN.fullmatch(n) is None]
+        if not names or bad:
+            raise ConfigError(
+                f"--http-upstream-headers {patterns!r}: expected names and name prefixes "
+                "ending in '*', comma-separated (Envoy's allowed_upstream_headers)"
+            )
+        self.patterns = patterns
+        self._prefixes = tuple(n[:-1] for n in names if n.endswith("*"))
+        self._exact = frozenset(n for n in names if not n.endswith("*"))
+        self.forwarded = lru_cache(maxsize=1024)(self._forwarded)
+
+    def _forwarded(self, name: str) -> bool:
+        if name in self._exact or name.startswith(self._prefixes):
+            return True
+        log.warning(
+            "header %r cannot reach the upstream over HTTP (not in --http-upstream-headers "
+            "%r, as Envoy's allowed_upstream_headers should be): removed instead",
+            name,
+            self.patterns,
+        )
+        return False
+
+
+DEFAULT_UPSTREAM_NAMES = UpstreamNames()
+
+
+def http_status(decision: Decision) -> int:
+    """The status of the HTTP answer: never 2xx for a deny, and never 5xx at all. Envoy
+    takes a 5xx from an HTTP authorization server for its own failure: it answers its
+    ``status_on_error`` without our body, and ``failure_mode_allow: true`` would let the
+    request through. What is 503 over gRPC is 429 when shed, else 403, over HTTP."""
+    row = OUTCOMES[decision.outcome]
+    if decision.outcome is Outcome.ALLOW:
+        return row.http_status
+    custom = decision.deny_response
+    status = custom.status if custom else row.http_status
+    if status < 300:  # a 2xx would be an allow: the policy compiler refuses it, too
+        return 403
+    if status >= 500:
+        return 429 if decision.reason == "overloaded" else 403
+    return status
+
+
+def encode_http_response(
+    decision: Decision,
+    *,
+    keep_alive: bool = True,
+    upstream: UpstreamNames = DEFAULT_UPSTREAM_NAMES,
+) -> bytes:
+    """The HTTP/1.1 answer for ``decision``: the status (:func:`http_status`), the headers
+    and the body.
 
     Raises :class:`UnsafeHeaderError` when a header would split the answer (the caller
-    answers with its last resort, a 503): over gRPC Envoy rejects such a value itself.
+    answers with its last resort, a 403): over gRPC Envoy rejects such a value itself.
     """
     close = b"" if keep_alive else _CLOSE
     if decision.outcome is Outcome.ALLOW:
-        head = b"".join(
-            [
-                _http_id_header(v) if k == DECISION_ID_HEADER else _cached_http_header(k, v)
-                for k, v in decision.upstream_headers
-            ]
-        )
-        if decision.remove_headers:
-            head += _http_removed(decision.remove_headers)
+        forwarded = upstream.forwarded
+        head = b""
+        removed = decision.remove_headers
+        for k, v in decision.upstream_headers:
+            if not forwarded(k):
+                removed += (k,)
+            elif k == DECISION_ID_HEADER:
+                head += _http_id_header(v)
+            else:
+                head += _cached_http_header(k, v)
+        if removed:
+            head += _http_removed(removed)
         return _ALLOW_LINE + head + close + _EMPTY_BODY
-    row = OUTCOMES[decision.outcome]
     custom = decision.deny_response
     body = (custom.body if custom else deny_body(decision)).encode()
     headers = [
@@ -240,11 +309,8 @@ def encode_http_response(decision: Decision, *, keep_alive: bool = True) -> byte
         *(_cached_http_header(k, v) for k, v in decision.client_headers),
         *(_cached_http_header(k, v) for k, v in (custom.headers if custom else ())),
     ]
-    status = custom.status if custom else row.http_status
-    if status < 300:  # a 2xx here would be an allow: the policy compiler refuses it, too
-        status = row.http_status
     return (
-        _status_line(status)
+        _status_line(http_status(decision))
         + b"".join(headers)
         + close
         + f"content-length: {len(body)}\r\n\r\n".encode()

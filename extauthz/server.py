@@ -31,7 +31,7 @@ from .httpserver import HttpCheckServer
 from .jwks_server import JwksServer
 from .reload import PolicyReloader, ReloadStatus
 from .request import CheckInput, from_check_request
-from .response import encode_check_response
+from .response import DEFAULT_UPSTREAM_NAMES, UpstreamNames, encode_check_response
 from .telemetry import Telemetry
 from .tls import ReloadingCredentials
 
@@ -192,6 +192,7 @@ class Server:
         max_concurrent_checks: int = DEFAULT_MAX_CONCURRENT_CHECKS,
         http_listen: str | None = None,
         http_path_prefix: str = "",
+        http_upstream_headers: str | None = None,
     ) -> None:
         if max_concurrent_checks < 0:
             raise ConfigError(
@@ -228,8 +229,15 @@ class Server:
             authorizer, telemetry, self.recent, decision_log, max_concurrent_checks
         )
         # Envoy's http_service beside the gRPC listener: the same checks, a cheaper transport.
+        upstream = (  # checked even without --http-listen: a bad flag is an error
+            UpstreamNames(http_upstream_headers)
+            if http_upstream_headers is not None
+            else DEFAULT_UPSTREAM_NAMES
+        )
         self.http: HttpCheckServer | None = (
-            HttpCheckServer(self.recorder, http_listen, path_prefix=http_path_prefix)
+            HttpCheckServer(
+                self.recorder, http_listen, path_prefix=http_path_prefix, upstream=upstream
+            )
             if http_listen is not None
             else None
         )
@@ -290,9 +298,20 @@ class Server:
                 if self.jwks is not None:
                     self.jwks.stop()
                 raise
-        if self.decision_log is not None:
-            self.decision_log.start()
-        await server.start()
+        try:
+            if self.decision_log is not None:
+                self.decision_log.start()
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            if self.http is not None:
+                await self.http.stop(0)
+            if self._admin is not None:
+                await self._admin.stop(None)
+                self._admin = None
+            if self.jwks is not None:
+                self.jwks.stop()
+            raise
         for service in ("", AUTHORIZATION_SERVICE, POLICY_HEALTH_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server

@@ -2,8 +2,10 @@
 ``http_service`` (envoy/sidecar-http.yaml, ``serve --http-listen``): the shipped policies,
 the identity Envoy puts in ``x-extauthz-peer``, and the traps the template's comments name.
 
-One mesh for the module (extauthz + frontend/orders/payments, each behind its own Envoy);
-tests that stop extauthz or run ``--workers 2`` get their own.
+One mesh for the module (extauthz + frontend/orders/payments, each behind its own Envoy),
+a second with policies of its own (OWN_POLICIES: a failed decision, a claim header Envoy
+would drop, a policy reading x-envoy-internal); tests that stop extauthz for good or run
+``--workers 2`` get their own.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from test_envoy_integration import token
 from test_envoy_tls import stat
 
 from extauthz.devtools.envoy import dump_config, load_config, render_sidecar, validate
-from extauthz.devtools.mesh import SIDECAR_HTTP_TEMPLATE, Mesh, Workload
-from extauthz.devtools.pki import write_pki
+from extauthz.devtools.mesh import SIDECAR_HTTP_TEMPLATE, TRUST_DOMAIN, Mesh, Workload
+from extauthz.devtools.pki import DevCA, write_pki
 from extauthz.devtools.upstream import EchoServer
 from extauthz.request import PEER_HEADER
 
@@ -342,6 +344,38 @@ def test_without_a_client_certificate_the_shipped_listener_refuses(mesh: Mesh) -
     assert (hits(frontend), authz_stat(mesh, "frontend", "ok")) == before
 
 
+def test_a_certificate_with_several_uri_sans_is_refused(mesh: Mesh) -> None:
+    """Envoy joins a client certificate's URI SANs with ',' in x-extauthz-peer. An SVID has
+    one, and which of several is the caller cannot be told: 401, never the first SAN's
+    (orders') rights. The certificate is from a second CA that only this sidecar trusts."""
+    ca = DevCA.create(TRUST_DOMAIN)
+    pair = ca.issue_cert(common_name="", uris=[ORDERS_ID, mesh.spiffe_id("frontend")])
+    certs = mesh.workdir / "certs"
+    (certs / "two-sans.pem").write_bytes(pair.cert_pem)
+    (certs / "two-sans-key.pem").write_bytes(pair.key_pem)
+    bundle = certs / "mesh-and-second-ca.pem"
+    bundle.write_bytes((certs / "ca.pem").read_bytes() + ca.cert_pem)
+
+    def trust_both_cas(config: dict[str, Any]) -> None:
+        for listener in config["static_resources"]["listeners"]:
+            for chain in listener["filter_chains"]:
+                tls = chain["transport_socket"]["typed_config"]["common_tls_context"]
+                tls["validation_context"]["trusted_ca"] = {"filename": str(bundle)}
+
+    name = "payments-two-cas"
+    if name not in mesh.services:
+        mesh.add_sidecar(name, svid="payments", labels="app=payments", tweak=trust_both_cas)
+    workload = mesh.services[name]
+    before = hits(workload)
+    r = mesh.call("two-sans", name, "POST", "/payments/1")
+    assert r.status == 401, r.body
+    assert r.json()["reason"] == "spiffe_id_invalid"
+    assert hits(workload) == before
+    allowed = mesh.call("orders", name, "POST", "/payments/1")  # the sidecar takes orders
+    assert allowed.status == 200, allowed.body
+    assert hits(workload) == before + 1
+
+
 # --- the body of the client's request ----------------------------------------------------------
 
 
@@ -469,3 +503,183 @@ def test_the_decision_path_with_two_workers(tmp_path: Path) -> None:
             allow = record["caller"]["spiffe_id"] == ORDERS_ID
             assert record["outcome"] == ("OUTCOME_ALLOW" if allow else "OUTCOME_PERMISSION_DENIED")
             assert record["workload"] == {"namespace": "shop", "labels": "app=payments"}
+
+
+# --- never 5xx, never a header Envoy drops, never Envoy's own headers: policies of their own ---
+
+# A mesh with its own policies (the shipped set stays as the tests above read it). The
+# mesh-wide RequestAuthentication also writes `user`, a name outside the template's
+# allowed_upstream_headers (x-*, authorization): Envoy would drop extauthz's value of it.
+OWN_POLICIES = {
+    "mesh-jwt.yaml": """\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: demo-idp, namespace: istio-system}
+spec:
+  jwtRules:
+    - issuer: https://idp.demo.local
+      audiences: [shop]
+      jwksUri: demo-idp.jwks.json
+      outputClaimToHeaders:
+        - {header: user, claim: sub}
+        - {header: x-user, claim: sub}
+""",
+    "shop/claims.yaml": """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: claims, namespace: shop}
+spec:
+  selector: {matchLabels: {app: claims}}
+  action: ALLOW
+  rules:
+    - from: [{source: {requestPrincipals: ["https://idp.demo.local/*"]}}]
+""",
+    # Allowed, but the rule mints a token and extauthz runs without --signing-key: an ERROR
+    # outcome, 503 token_signing_unconfigured over gRPC.
+    "shop/minting.yaml": """\
+apiVersion: extauthz.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: minting, namespace: shop}
+spec:
+  selector: {matchLabels: {app: minting}}
+  action: ALLOW
+  rules:
+    - to: [{operation: {paths: ["/orders/*"]}}]
+      token: {}
+""",
+    # A policy's own 5xx.
+    "shop/maintenance.yaml": """\
+apiVersion: extauthz.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: maintenance, namespace: shop}
+spec:
+  selector: {matchLabels: {app: minting}}
+  action: DENY
+  denyResponse:
+    status: 503
+    headers: {retry-after: "120"}
+    body: {error: down_for_maintenance}
+  rules:
+    - to: [{operation: {paths: ["/maintenance/*"]}}]
+""",
+    # Trusts what only Envoy sets: every HTTP check carries x-envoy-internal: true.
+    "shop/internal.yaml": """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: internal, namespace: shop}
+spec:
+  selector: {matchLabels: {app: internal}}
+  action: ALLOW
+  rules:
+    - when: [{key: "request.headers[x-envoy-internal]", values: ["true"]}]
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    with Mesh(
+        tmp_path_factory.mktemp("mesh-http-own"),
+        policies=tmp_path_factory.mktemp("own-policies"),  # empty: OWN_POLICIES is the set
+        extra_policies=OWN_POLICIES,
+        workloads=("claims", "internal"),
+        clients=("frontend",),
+        transport="http",
+    ) as m:
+        yield m
+
+
+def _fail_open(config: dict[str, Any]) -> None:
+    """failure_mode_allow: true, the setting that lets a request through when Envoy takes
+    the authorization server's answer for a failure (a 5xx, a timeout, no connection)."""
+    _http_ext_authz(config)["failure_mode_allow"] = True
+
+
+def _fail_open_sidecar(mesh: Mesh) -> Workload:
+    name = "minting-fail-open"
+    if name not in mesh.services:
+        mesh.add_sidecar(name, svid="claims", labels="app=minting", tweak=_fail_open)
+    return mesh.services[name]
+
+
+def test_the_fail_open_sidecar_lets_a_request_through_when_extauthz_is_away(own: Mesh) -> None:
+    """What the next test guards against: with extauthz hung past the timeout, this sidecar
+    counts a failure and lets the request through to the workload."""
+    workload = _fail_open_sidecar(own)
+    name = workload.name
+    before = hits(workload), authz_stat(own, name, "failure_mode_allowed")
+    pid = own.extauthz_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = own.call("frontend", name, "GET", "/orders/1")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert r.status == 200, r.body
+    assert (hits(workload), authz_stat(own, name, "failure_mode_allowed")) == (
+        before[0] + 1,
+        before[1] + 1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (
+            "/orders/1",
+            {"error": "authorization_unavailable", "reason": "token_signing_unconfigured"},
+        ),
+        ("/maintenance/1", {"error": "down_for_maintenance"}),
+    ],
+    ids=["unsigned-minting-rule", "policy-503-deny-response"],
+)
+def test_a_failed_decision_is_a_deny_even_where_envoy_fails_open(
+    own: Mesh, path: str, expected: dict[str, str]
+) -> None:
+    """An ERROR outcome (503 over gRPC) and a policy's 503 denyResponse are answered 403
+    over HTTP: a 5xx would be Envoy's own failure, which this sidecar turns into an allow
+    (and the template's into its body-less status_on_error). The deny is extauthz's: its
+    body and decision id reach the client, Envoy counts a denial, the workload sees nothing."""
+    workload = _fail_open_sidecar(own)
+    name = workload.name
+    counters = ("denied", "error", "failure_mode_allowed")
+    before = hits(workload), *(authz_stat(own, name, c) for c in counters)
+    r = own.call("frontend", name, "GET", path)
+    assert r.status == 403, r.body
+    body = r.json()
+    assert body.items() >= expected.items()
+    assert re.fullmatch("[0-9a-f]{32}", r.headers["x-extauthz-decision-id"])
+    if "decision_id" in body:
+        assert body["decision_id"] == r.headers["x-extauthz-decision-id"]
+    else:
+        assert r.headers["retry-after"] == "120"  # the policy's headers come along
+    after = hits(workload), *(authz_stat(own, name, c) for c in counters)
+    assert after == (before[0], before[1] + 1, before[2], before[3])
+
+
+def test_a_claim_header_envoy_would_drop_is_removed_instead(own: Mesh) -> None:
+    """outputClaimToHeaders writes `user`, which allowed_upstream_headers does not pass:
+    Envoy would drop extauthz's value and forward the client's own `user: admin`. The
+    upstream gets no `user` at all; x-user, which Envoy passes, carries the claim."""
+    claims = own.services["claims"]
+    before = hits(claims)
+    forged = {"user": "admin", "x-user": "admin"}
+    r = own.call("frontend", "claims", "GET", "/", token=token(own), headers=forged)
+    assert r.status == 200, r.body
+    h = r.json()["headers"]
+    assert "user" not in h, h
+    assert h["x-user"] == "alice"
+    assert "x-envoy-auth-headers-to-remove" not in h
+    assert hits(claims) == before + 1
+
+
+@pytest.mark.parametrize("sent", [{}, {"x-envoy-internal": "true"}], ids=["plain", "client-set"])
+def test_a_policy_never_sees_x_envoy_internal(own: Mesh, sent: dict[str, str]) -> None:
+    """Envoy's HTTP client marks every check x-envoy-internal: true; a policy trusting it
+    would allow every caller. extauthz drops it over HTTP, so the policy never matches."""
+    internal = own.services["internal"]
+    before = hits(internal)
+    r = own.call("frontend", "internal", "GET", "/", headers=sent)
+    assert r.status == 403, r.body
+    assert r.json()["reason"] == "no_allow_policy_matched"
+    assert hits(internal) == before

@@ -1,8 +1,10 @@
 """The HTTP transport, Envoy's ext_authz ``http_service``: the request model it reads
-(:func:`from_http`), the answer it writes (:func:`encode_http_response`, held to say what the
-gRPC CheckResponse says), :class:`HttpCheckServer` over real sockets (keep-alive, pipelining,
-malformed input, shedding, a JWKS refetch, graceful stop, the decision log, one in-flight
-count with gRPC) and ``serve --http-listen`` through the CLI.
+(:func:`from_http`, the peer header's refusals), the answer it writes
+(:func:`encode_http_response`, held to say what the gRPC CheckResponse says but never with a
+5xx; :class:`UpstreamNames`), :class:`HttpCheckServer` over real sockets (keep-alive,
+pipelining, malformed input and limits, shedding, a JWKS refetch and its cancellation,
+graceful stop, the decision log and its trace ids, one in-flight count with gRPC, a failed
+start) and ``serve --http-listen`` through the CLI.
 
 Requests are written by hand, as Envoy writes them (so they can be pipelined); answers are
 read by h11, which refuses anything that is not well-formed HTTP/1.1.
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -43,7 +47,7 @@ from extauthz.decisionlog.log import DecisionLog
 from extauthz.devtools.envoy import free_ports
 from extauthz.devtools.idp import DevIdP, IdpServer
 from extauthz.devtools.pki import DevCA
-from extauthz.errors import ConfigError, RequestError, TokenExpiredError
+from extauthz.errors import ConfigError, RequestError, SpiffeIdError, TokenExpiredError
 from extauthz.httpserver import HttpCheckServer
 from extauthz.identity.jwks import FetchSettings, KeySetRegistry
 from extauthz.policy.engine import PolicySet
@@ -58,8 +62,10 @@ from extauthz.response import (
     DECISION_ID_HEADER,
     HEADERS_TO_REMOVE,
     UnsafeHeaderError,
+    UpstreamNames,
     deny_body,
     encode_http_response,
+    http_status,
     to_check_response,
 )
 from extauthz.server import Server
@@ -131,6 +137,7 @@ READS = {
             "content-length": "0",
             TIMEOUT_HEADER: "250",
             PEER_HEADER: PEER,
+            "x-envoy-internal": "true",  # Envoy's HTTP client marks every check with it
             "user-agent": "curl/8.5",
             "x-request-id": "req-1",
             "x-forwarded-proto": "https",
@@ -178,11 +185,6 @@ READS = {
         "/x",
         {PEER_HEADER: "src=/run/envoy.sock;uri=spiffe://td/ns/a/sa/b"},
         {"source_ip": "/run/envoy.sock", "source_port": 0},
-    ),
-    "several URI SANs: the first": Read(
-        "/x",
-        {PEER_HEADER: "src=1.2.3.4:5;uri=spiffe://td/ns/a/sa/one,spiffe://td/ns/a/sa/two"},
-        {"source_principal": "spiffe://td/ns/a/sa/one"},
     ),
     "a ; inside the uri": Read(
         "/x",
@@ -254,14 +256,42 @@ def test_from_http_reads_what_a_check_request_carries() -> None:
         ("*", {}, "", "origin-form"),
         ("/x", {PEER_HEADER: "namespace=shop;src=1.2.3.4:5"}, "", "no uri= field"),
         ("/x", {PEER_HEADER: "labels=datauri=x;src=1.2.3.4:5"}, "", "no uri= field"),
+        ("/x", {PEER_HEADER: f"uri=spiffe://td/ns/a/sa/admin,{PEER}"}, "", "two uri= fields"),
+        ("/x", {PEER_HEADER: f"{PEER},src=6.6.6.6:1;uri=spiffe://x/y"}, "", "two uri= fields"),
     ],
-    ids=["outside-prefix", "prefix-of-name", "absolute-form", "asterisk", "no-uri", "uri-in-key"],
+    ids=[
+        "outside-prefix",
+        "prefix-of-name",
+        "absolute-form",
+        "asterisk",
+        "no-uri",
+        "uri-in-key",
+        "a-client-copy-before-envoys",
+        "a-client-copy-after-envoys",
+    ],
 )
 def test_from_http_refuses(target: str, headers: dict[str, str], prefix: str, match: str) -> None:
-    """A target outside the prefix or not a path, or a peer header without its uri field,
-    is a RequestError (the server answers it with a 403 request_invalid)."""
+    """A target outside the prefix or not a path, a peer header without its uri field or
+    with two (a client's copy joined with Envoy's: neither is believed), is a RequestError
+    (the server answers it with a 403 request_invalid)."""
     with pytest.raises(RequestError, match=match):
         from_http("GET", target, headers, prefix)
+
+
+@pytest.mark.parametrize(
+    "uris",
+    [
+        "spiffe://td/ns/a/sa/one,spiffe://td/ns/a/sa/two",
+        "spiffe://td/ns/a/sa/one, https://example.com/other",
+        ",spiffe://td/ns/a/sa/one",
+    ],
+    ids=["two-spiffe-ids", "a-spiffe-id-and-another-uri", "an-empty-first"],
+)
+def test_several_uri_sans_are_refused(uris: str) -> None:
+    """Envoy joins a certificate's URI SANs with ',': which one is the SPIFFE ID cannot be
+    told (an SVID has exactly one), so the check is refused as an invalid identity (401)."""
+    with pytest.raises(SpiffeIdError, match="several URI SANs"):
+        from_http("GET", "/x", {PEER_HEADER: f"src=1.2.3.4:5;uri={uris}"}, "")
 
 
 @pytest.mark.parametrize("prefix", ["authz", "/authz/", "/"])
@@ -415,10 +445,17 @@ DECISIONS = {
         Outcome.PERMISSION_DENIED, "no_allow_policy_matched", "no ALLOW policy matched", ID
     ),
     "401 expired token": EXPIRED,
-    "503 overloaded": SHED,
-    "503 last resort": FAILED,
+    "429 overloaded": SHED,
+    "403 last resort": FAILED,
     "429 policy's own answer": Decision(
         Outcome.PERMISSION_DENIED, "denied_by_policy", "m", ID, deny_response=QUOTA
+    ),
+    "403 policy's own 503": Decision(
+        Outcome.PERMISSION_DENIED,
+        "denied_by_policy",
+        "m",
+        ID,
+        deny_response=DenyResponse(503, (("retry-after", "5"),), "down", "text/plain"),
     ),
     "302 policy's own answer": Decision(
         Outcome.PERMISSION_DENIED,
@@ -430,13 +467,20 @@ DECISIONS = {
 }
 
 
-@pytest.mark.parametrize("decision", DECISIONS.values(), ids=DECISIONS.keys())
-def test_the_http_answer_says_what_the_check_response_says(decision: Decision) -> None:
-    """Status, headers (in order, byte for byte as UTF-8), headers to remove and body are
-    those of the gRPC CheckResponse for the same decision."""
+@pytest.mark.parametrize(("name", "decision"), DECISIONS.items(), ids=DECISIONS.keys())
+def test_the_http_answer_says_what_the_check_response_says(name: str, decision: Decision) -> None:
+    """Headers (in order, byte for byte as UTF-8), headers to remove and body are those of
+    the gRPC CheckResponse for the same decision; so is the status, but for a 5xx: Envoy
+    takes a 5xx from an HTTP authorization server for its own failure (status_on_error
+    without our body; failure_mode_allow would let the request through), so over HTTP it
+    is a 429 when shed, else a 403."""
     http, grpc_ = said_over_http(decision), said_over_grpc(decision)
-    assert http == grpc_
+    status = grpc_.status
+    if status >= 500:
+        status = 429 if decision.reason == "overloaded" else 403
+    assert http == Said(grpc_.allowed, status, grpc_.headers, grpc_.removed, grpc_.body)
     assert http.allowed == decision.allowed
+    assert http.status == (200 if http.allowed else int(name.split()[0]))  # as named
 
 
 def test_an_allow_is_a_200_with_the_upstream_headers_and_no_body() -> None:
@@ -459,7 +503,8 @@ def test_an_allow_is_a_200_with_the_upstream_headers_and_no_body() -> None:
     [
         ("401 expired token", 401, "jwt_expired", "www-authenticate"),
         ("403 no allow", 403, "no_allow_policy_matched", None),
-        ("503 overloaded", 503, "overloaded", "retry-after"),
+        ("429 overloaded", 429, "overloaded", "retry-after"),
+        ("403 last resort", 403, "internal_error", None),
     ],
 )
 def test_a_deny_is_its_status_with_the_json_body(
@@ -505,16 +550,40 @@ def test_a_policys_deny_response_replaces_status_body_and_content_type() -> None
     assert answer.body == b'{"error":"quota"}'
 
 
-def test_a_2xx_deny_response_is_still_a_deny() -> None:
-    """Only an allow may answer 2xx (Envoy would let the request through): a deny response
-    with a 2xx status, which the policy compiler refuses anyway, answers the outcome's."""
-    decision = DECISIONS["429 policy's own answer"]._replace(
-        deny_response=DenyResponse(200, (), "ok", "text/plain")
-    )
-    assert parse(encode_http_response(decision)).status == 403
+def _deny(outcome: Outcome, reason: str, status: int | None = None) -> Decision:
+    """A deny of ``outcome``, with a policy's deny response of ``status`` if given."""
+    custom = None if status is None else DenyResponse(status, (), "", "text/plain")
+    return Decision(outcome, reason, "m", ID, deny_response=custom)
 
 
-@pytest.mark.parametrize("name", ["allow", "allow with headers", "403 no allow", "503 last resort"])
+UNAUTHENTICATED, DENIED, ERROR = Outcome.UNAUTHENTICATED, Outcome.PERMISSION_DENIED, Outcome.ERROR
+HTTP_STATUSES = {
+    "unauthenticated": (_deny(UNAUTHENTICATED, "jwt_expired"), 401),
+    "permission denied": (_deny(DENIED, "no_allow_policy_matched"), 403),
+    "error: the last resort": (FAILED, 403),
+    "error: keys unavailable": (_deny(ERROR, "jwks_unavailable"), 403),
+    "error: shed": (SHED, 429),
+    "policy's 429": (_deny(DENIED, "denied_by_policy", 429), 429),
+    "policy's 302": (_deny(DENIED, "denied_by_policy", 302), 302),
+    "policy's 401": (_deny(DENIED, "denied_by_policy", 401), 401),
+    "policy's 500": (_deny(DENIED, "denied_by_policy", 500), 403),
+    "policy's 503": (_deny(DENIED, "denied_by_policy", 503), 403),
+    "policy's 599": (_deny(DENIED, "denied_by_policy", 599), 403),
+    "policy's 200": (_deny(DENIED, "denied_by_policy", 200), 403),
+    "policy's 204 on unauthenticated": (_deny(UNAUTHENTICATED, "jwt_missing", 204), 403),
+    "policy's 100": (_deny(DENIED, "denied_by_policy", 100), 403),
+}
+
+
+@pytest.mark.parametrize(("decision", "status"), HTTP_STATUSES.values(), ids=HTTP_STATUSES.keys())
+def test_http_status_is_never_2xx_for_a_deny_nor_ever_5xx(decision: Decision, status: int) -> None:
+    """A deny's HTTP status: the outcome's or the policy's, but a 2xx (an allow to Envoy)
+    is a 403, and a 5xx (Envoy's own failure to Envoy) a 403, or a 429 when shed."""
+    assert http_status(decision) == status
+    assert parse(encode_http_response(decision)).status == status
+
+
+@pytest.mark.parametrize("name", ["allow", "allow with headers", "403 no allow", "403 last resort"])
 def test_keep_alive_false_closes_the_connection(name: str) -> None:
     """``keep_alive=False``: one ``connection: close``, the answer otherwise the same."""
     decision = DECISIONS[name]
@@ -553,9 +622,90 @@ ALLOW, DENY = DECISIONS["allow"], DECISIONS["403 no allow"]
 )
 def test_a_header_that_would_split_the_answer_raises(decision: Decision) -> None:
     """CR, LF or NUL anywhere in a header: UnsafeHeaderError (the server then answers its
-    last resort, a 503), never an answer with a header of the caller's making."""
+    last resort, a 403), never an answer with a header of the caller's making."""
     with pytest.raises(UnsafeHeaderError):
         encode_http_response(decision)
+
+
+# Envoy copies upstream only the answer headers its allowed_upstream_headers names
+# (--http-upstream-headers); one extauthz sets under another name is removed instead, so a
+# client's own copy of it cannot reach the upstream either.
+
+SET = (
+    ("x-user", "alice"),
+    ("authorization", "Bearer minted"),
+    ("user-id", "7"),  # no x- prefix
+    ("xuser", "b"),  # x, but not x-
+    ("authorization-extra", "c"),  # authorization is a name, not a prefix
+    (DECISION_ID_HEADER, ID),
+)
+
+
+def upstream_of(decision: Decision, upstream: UpstreamNames) -> tuple[list[str], list[str]]:
+    """The names an allow sends upstream and those it removes, under ``upstream``."""
+    answer = parse(encode_http_response(decision, upstream=upstream))
+    assert answer.status == 200
+    sent = [k for k, _ in answer.headers if k not in ("content-length", HEADERS_TO_REMOVE)]
+    return sent, (answer.get(HEADERS_TO_REMOVE) or "").split(",")
+
+
+def test_by_default_x_headers_and_authorization_go_upstream_the_rest_are_removed() -> None:
+    decision = ALLOW._replace(upstream_headers=SET, remove_headers=("x-forwarded-client-cert",))
+    sent, removed = upstream_of(decision, UpstreamNames())
+    assert sent == ["x-user", "authorization", DECISION_ID_HEADER]
+    assert removed == ["x-forwarded-client-cert", "user-id", "xuser", "authorization-extra"]
+
+
+def test_upstream_names_of_ones_own_are_trimmed_lower_cased_names_and_prefixes() -> None:
+    upstream = UpstreamNames(" X-Tenant , user-* ,,")
+    decision = ALLOW._replace(upstream_headers=(("x-tenant", "t"), ("x-user", "u"), *SET[2:]))
+    sent, removed = upstream_of(decision, upstream)
+    assert sent == ["x-tenant", "user-id"]
+    # The decision id too: a name Envoy would drop is removed, whoever sets it.
+    assert removed == ["x-user", "xuser", "authorization-extra", DECISION_ID_HEADER]
+    assert not upstream.forwarded("x-tenant-id")  # a name, not a prefix
+    assert upstream.forwarded("user-")
+
+
+def test_a_name_that_cannot_go_upstream_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A warning per name (the operator's config and Envoy's disagree), not per check."""
+    upstream = UpstreamNames()
+    decision = ALLOW._replace(upstream_headers=SET)
+    with caplog.at_level(logging.WARNING, logger="extauthz.response"):
+        for _ in range(3):
+            encode_http_response(decision, upstream=upstream)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 3
+    for name in ("user-id", "xuser", "authorization-extra"):
+        (message,) = [m for m in warned if f"header '{name}'" in m]
+        assert "--http-upstream-headers 'x-*,authorization'" in message
+
+
+@pytest.mark.parametrize(
+    "patterns", ["", " , ", "*", "**", "x-*-y", "*-user", "x user", "x-**", "x:y", "x\ty"]
+)
+def test_bad_upstream_names_are_a_config_error_naming_the_flag(patterns: str) -> None:
+    with pytest.raises(ConfigError, match=f"--http-upstream-headers {re.escape(repr(patterns))}"):
+        UpstreamNames(patterns)
+    with pytest.raises(ConfigError, match="--http-upstream-headers"):
+        Server(
+            Authorizer(PolicySet.empty()),
+            Telemetry(None),
+            listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            http_upstream_headers=patterns,
+        )
+    with pytest.raises(ConfigError, match="--http-upstream-headers"):  # no HTTP listener
+        Server(
+            Authorizer(PolicySet.empty()),
+            Telemetry(None),
+            listen="127.0.0.1:0",
+            http_upstream_headers=patterns,
+        )
+
+
+def test_the_status_of_an_allow_is_200() -> None:
+    assert http_status(ALLOW) == 200
 
 
 # --- 3. HttpCheckServer over real sockets -----------------------------------------------
@@ -766,6 +916,16 @@ CHECKS = {
     "a peer header without uri": Check(
         envoy_request("/ok/1", peer="namespace=shop;src=10.0.0.7:1"), 403, "request_invalid"
     ),
+    "a peer header with two uri fields": Check(
+        envoy_request("/ok/1", peer=f"uri=spiffe://td/ns/shop/sa/admin,{PEER}"),
+        403,
+        "request_invalid",
+    ),
+    "a peer with several URI SANs": Check(
+        envoy_request("/ok/1", peer=f"{PEER},spiffe://td/ns/shop/sa/admin"),
+        401,
+        "spiffe_id_invalid",
+    ),
     "a policy's own deny": Check(envoy_request("/quota"), 429, ""),
 }
 
@@ -814,6 +974,38 @@ async def test_a_unix_socket_left_behind_is_replaced_and_removed_at_stop(tmp_pat
     assert not path.exists()
 
 
+async def test_a_regular_file_at_the_unix_path_is_left_alone(tmp_path: Path) -> None:
+    """Only a socket is taken for one a dead process left: a file is no one's to delete."""
+    path = tmp_path / "authz.sock"
+    path.write_text("not a socket")
+    server = HttpCheckServer(
+        CheckRecorder(Authorizer(PolicySet.empty()), Telemetry(None)), f"unix:{path}"
+    )
+    with pytest.raises(
+        ConfigError, match=f"--http-listen unix:{re.escape(str(path))}: cannot bind"
+    ):
+        await server.start()
+    assert path.read_text() == "not a socket"
+
+
+async def test_the_unix_socket_is_for_its_owner_and_group_only(tmp_path: Path) -> None:
+    """Mode 0660 whatever the umask: whoever can connect can claim any identity."""
+    path = tmp_path / "authz.sock"
+    server = HttpCheckServer(
+        CheckRecorder(Authorizer(PolicySet.empty()), Telemetry(None)), f"unix:{path}"
+    )
+    umask = os.umask(0)  # the socket would otherwise be 0777
+    try:
+        await server.start()
+    finally:
+        os.umask(umask)
+    try:
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    finally:
+        await server.stop(1.0)
+
+
 async def test_requests_one_after_another_on_one_keep_alive_connection(rig: Rig) -> None:
     """Envoy reuses its connections: each answer leaves the connection open for the next."""
     client = await rig.connect()
@@ -858,6 +1050,49 @@ async def test_a_malformed_request_gets_a_400_and_the_connection_closes(
     assert answer.get("connection") == "close"
     assert answer.get(DECISION_ID_HEADER) is None
     assert await client.closed_by_server()
+
+
+def many_headers(count: int) -> bytes:
+    """A check request of ``count`` header lines in all (envoy_request writes four)."""
+    return envoy_request("/ok/1", lines=tuple(f"x-h{i}: v" for i in range(count - 4)))
+
+
+LIMITS = {
+    "a target over 64 KiB": (
+        envoy_request("/ok/" + "a" * 64 * 1024),
+        "request target over 65536 bytes",
+    ),
+    "257 headers": (many_headers(257), "more than 256 request headers"),
+}
+
+
+@pytest.mark.parametrize(("raw", "error"), LIMITS.values(), ids=LIMITS.keys())
+async def test_a_request_past_a_limit_gets_a_400_and_the_connection_closes(
+    rig: Rig, raw: bytes, error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the limits on the target's length and the headers' number (Envoy's own are
+    lower): a 400 and the connection closes, as a malformed request; the limit is logged."""
+    client = await rig.connect()
+    with caplog.at_level(logging.WARNING, logger="extauthz.httpserver"):
+        answer = await client.ask(raw)
+    assert answer.status == 400
+    assert answer.get("connection") == "close"
+    assert await client.closed_by_server()
+    assert "cannot read an HTTP check (" in caplog.text
+    assert "); answering 400" in caplog.text
+    assert "Traceback" not in caplog.text  # a limit is one line, not a bug's traceback
+    assert error in caplog.text
+    assert rig.recorder.telemetry.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [envoy_request("/ok/" + "a" * 60_000), many_headers(256)],
+    ids=["a-60-KiB-target", "256-headers"],
+)
+async def test_a_request_within_the_limits_is_a_check(rig: Rig, raw: bytes) -> None:
+    client = await rig.connect()
+    assert (await client.ask(raw)).status == 200
 
 
 async def test_garbage_after_a_good_request_is_answered_after_it(rig: Rig) -> None:
@@ -966,12 +1201,12 @@ async def test_a_port_in_use_is_a_config_error_at_start() -> None:
             await server.start()
 
 
-async def test_over_the_limit_a_check_is_shed_with_a_503_and_the_limit_frees_up(
+async def test_over_the_limit_a_check_is_shed_with_a_429_and_the_limit_frees_up(
     tmp_path: Path,
 ) -> None:
     """With ``max_concurrent_checks`` checks waiting for keys, the next is answered at once
-    with a 503 ``overloaded`` (and retry-after), not queued; the held ones are then decided
-    by the policies, and checks are admitted again."""
+    with a 429 ``overloaded`` (and retry-after; a 503 would be Envoy's own failure), not
+    queued; the held ones are then decided by the policies, and checks are admitted again."""
     authorizer = HoldingAuthorizer(PolicySet.load(write_policies(tmp_path / "policies")))
     try:
         async with started(recorder_for(authorizer, max_in_flight=2)) as rig:
@@ -982,7 +1217,7 @@ async def test_over_the_limit_a_check_is_shed_with_a_503_and_the_limit_frees_up(
             await until(lambda: authorizer.held == 2, "two checks held")
             assert telemetry.in_flight == 2
             shed = await clients[2].ask(envoy_request("/ok/2"))
-            assert shed.status == 503
+            assert shed.status == 429
             assert shed.json()["reason"] == "overloaded"
             assert shed.get("retry-after") == "1"
             assert authorizer.held == 2  # the shed one never reached the policies
@@ -1015,20 +1250,64 @@ class BrokenAuthorizer(Authorizer):
 
 
 @pytest.mark.parametrize("broken", [UnencodableAuthorizer, BrokenAuthorizer])
-async def test_a_decision_that_cannot_be_answered_is_a_503_last_resort(
+async def test_a_decision_that_cannot_be_answered_is_a_403_last_resort(
     broken: type[Authorizer],
 ) -> None:
-    """Whatever fails after the request is read, Envoy gets an answer, a 503 deny (never an
-    allow, never a header of the caller's making), recorded, and the connection serves on."""
+    """Whatever fails after the request is read, Envoy gets an answer, a 403 deny (never an
+    allow, never a 5xx, never a header of the caller's making), recorded, and the connection
+    serves on."""
     async with started(recorder_for(broken(PolicySet.empty()))) as rig:
         client = await rig.connect()
         for _ in range(2):
             answer = await client.ask(envoy_request("/ok/1"))
-            assert answer.status == 503
+            assert answer.status == 403
             assert answer.json()["reason"] == "internal_error"
             assert answer.get("x-admin") is None
             assert b"boom" not in answer.body
         assert rig.recorder.telemetry.in_flight == 0
+
+
+async def test_a_connection_waiting_for_keys_is_not_read_until_answered(tmp_path: Path) -> None:
+    """While its check waits for a JWKS refetch, the connection's reading is paused (what
+    Envoy sends behind it stays in the socket, not in our queue), and resumes after."""
+    authorizer = HoldingAuthorizer(PolicySet.load(write_policies(tmp_path / "policies")))
+    try:
+        async with started(recorder_for(authorizer)) as rig:
+            client = await rig.connect()
+            await client.send(envoy_request("/ok/1"))
+            await until(lambda: authorizer.held == 1, "the check held")
+            (conn,) = rig.server._connections
+            assert not conn._transport.is_reading()
+            authorizer.release()
+            assert (await client.answer()).status == 200
+            assert conn._transport.is_reading()
+            assert (await client.ask(envoy_request("/private"))).status == 403
+    finally:
+        authorizer.release()
+
+
+async def test_a_cancelled_wait_for_keys_still_answers_once(tmp_path: Path) -> None:
+    """The task waiting for keys cancelled (the loop closing): its request still gets one
+    answer, the last resort (a 403), and the one queued behind it is then decided."""
+    authorizer = HoldingAuthorizer(PolicySet.load(write_policies(tmp_path / "policies")))
+    try:
+        async with started(recorder_for(authorizer)) as rig:
+            client = await rig.connect()
+            await client.send(envoy_request("/ok/1"), envoy_request("/private"))
+            await until(lambda: authorizer.held == 1, "the first check held")
+            (task,) = rig.server._tasks
+            task.cancel()
+            first = await client.answer()
+            assert (first.status, first.json()["reason"]) == (403, "internal_error")
+            await until(lambda: authorizer.held == 1, "the queued check held in its turn")
+            authorizer.release()
+            second = await client.answer()
+            assert (second.status, second.json()["reason"]) == (403, "no_allow_policy_matched")
+            assert (await client.ask(envoy_request("/ok/2"))).status == 200  # in step
+            assert task.cancelled()
+            assert rig.recorder.telemetry.in_flight == 0
+    finally:
+        authorizer.release()
 
 
 # --- the unknown-kid refetch against a real HTTPS IdP ------------------------------------
@@ -1233,6 +1512,32 @@ async def test_each_http_check_leaves_one_record_and_one_count(served: Served) -
     assert sum(counted.values()) == len(sent)
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+async def test_the_decision_log_has_the_trace_id_of_envoys_traceparent(served: Served) -> None:
+    """Over HTTP the trace context is a header of the check (Envoy's ext_authz span's
+    traceparent): each record of a check that carried one names its trace."""
+    served.authorizer.release()  # decide at once
+    traced = {"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}
+    requests = [
+        envoy_request("/ok/1", headers=traced),
+        envoy_request("/private", headers=traced),
+        envoy_request("/ok/2"),
+    ]
+    client = await Client.connect(served.http)
+    try:
+        answers = [await client.ask(request) for request in requests]
+    finally:
+        await client.close()
+    await served.server.stop()  # writes the decision log out
+
+    records = {r["decision_id"]: r for r in map(json.loads, served.sink.lines)}
+    traces = [records[a.get(DECISION_ID_HEADER)].get("trace_id") for a in answers]
+    assert traces == [TRACE_ID, TRACE_ID, None]
+    assert [a.status for a in answers] == [200, 403, 200]
+
+
 async def test_grpc_and_http_checks_share_one_in_flight_count(served: Served) -> None:
     """One limit for the server: a check held on each transport fills it, and the next
     check on either transport is shed; once released, both held checks are allowed."""
@@ -1251,9 +1556,9 @@ async def test_grpc_and_http_checks_share_one_in_flight_count(served: Served) ->
             other = await Client.connect(served.http)
             shed = await other.ask(envoy_request("/ok/3"))
             await other.close()
-            assert (shed.status, shed.json()["reason"]) == (503, "overloaded")
+            assert (shed.status, shed.json()["reason"]) == (429, "overloaded")
             shed_grpc = await stub.Check(grpc_check("/ok/4"), timeout=10)
-            assert shed_grpc.denied_response.status.code == 503
+            assert shed_grpc.denied_response.status.code == 503  # gRPC: no 5xx trap
             assert json.loads(shed_grpc.denied_response.body)["reason"] == "overloaded"
 
             holding.release()
@@ -1263,6 +1568,87 @@ async def test_grpc_and_http_checks_share_one_in_flight_count(served: Served) ->
         finally:
             holding.release()
             await client.close()
+
+
+async def test_a_server_sends_upstream_only_what_its_upstream_names_let_through(
+    tmp_path: Path,
+) -> None:
+    """``http_upstream_headers`` reaches the HTTP listener: the identity header it leaves
+    out is removed, not sent."""
+    server = Server(
+        Authorizer(PolicySet.load(write_policies(tmp_path / "policies"))),
+        Telemetry(None),
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        http_path_prefix=PREFIX,
+        http_upstream_headers="authorization",
+    )
+    await server.start()
+    try:
+        assert server.http is not None
+        client = await Client.connect(server.http)
+        answer = await client.ask(envoy_request("/ok/1"))
+        await client.close()
+    finally:
+        await server.stop()
+    assert answer.status == 200
+    assert answer.get("x-extauthz-spiffe-id") is None
+    assert "x-extauthz-spiffe-id" in (answer.get(HEADERS_TO_REMOVE) or "").split(",")
+
+
+class FailingDecisionLog(DecisionLog):
+    """A decision log whose writer cannot start: after the HTTP listener did."""
+
+    def start(self) -> None:
+        raise RuntimeError("no writer thread")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def test_a_start_failing_after_the_http_listener_started_frees_its_port() -> None:
+    """The decision log cannot start, after the HTTP listener did: Server.start stops it
+    again, so the port is free for a retry or the next process. (Not the gRPC port: a
+    grpc.aio server bound but never started keeps its port after stop.)"""
+    http_port = free_ports(1)
+    server = Server(
+        Authorizer(PolicySet.empty()),
+        Telemetry(None),
+        listen="127.0.0.1:0",
+        decision_log=FailingDecisionLog(MemorySink()),
+        http_listen=f"127.0.0.1:{http_port}",
+    )
+    with pytest.raises(RuntimeError, match="no writer thread"):
+        await server.start()
+    assert server.http is not None
+    assert server.http.port == http_port  # it had started
+    assert port_is_free(http_port)
+
+
+async def test_a_grpc_port_in_use_stops_the_start_before_the_http_listener() -> None:
+    """The gRPC port is bound first: taken, the start stops with the HTTP port never bound."""
+    http_port = free_ports(1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        server = Server(
+            Authorizer(PolicySet.empty()),
+            Telemetry(None),
+            listen=listen,
+            http_listen=f"127.0.0.1:{http_port}",
+        )
+        with pytest.raises(ConfigError, match=f"--listen {listen}: cannot bind"):
+            await server.start()
+    assert server.http is not None
+    assert server.http.port == 0  # never started
+    assert port_is_free(http_port)
 
 
 # --- 4. serve --http-listen through the CLI ----------------------------------------------
@@ -1342,8 +1728,12 @@ async def _ask_when_up(port: int, proc: subprocess.Popen[bytes], log_path: Path)
             ["--workers", "2", "--listen", "127.0.0.1:9191", "--http-listen", "127.0.0.1:0"],
             "--http-listen 127.0.0.1:0: --workers needs a fixed port",
         ),
+        (
+            ["--http-listen", "127.0.0.1:0", "--http-upstream-headers", "x-*,*"],
+            "--http-upstream-headers 'x-*,*': expected names and name prefixes",
+        ),
     ],
-    ids=["not-loopback", "not-an-address", "bad-prefix", "workers-port-0"],
+    ids=["not-loopback", "not-an-address", "bad-prefix", "workers-port-0", "bad-upstream"],
 )
 async def test_a_bad_http_flag_stops_serve_with_a_message_naming_it(
     argv: list[str], message: str
