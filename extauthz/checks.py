@@ -83,6 +83,19 @@ class CheckRecorder:
                 self.recent.record(decision, inp, snapshot)
             except Exception:
                 log.exception("cannot record decision %s", decision.decision_id)
+        self.record_undecided(decision, inp, start, wall, metadata, decided)
+
+    def record_undecided(
+        self,
+        decision: Decision,
+        inp: CheckInput | None,
+        start: int,
+        wall: int,
+        metadata: Metadata,
+        decided: int = 0,
+    ) -> None:
+        """Telemetry and the decision log, alone: for an answer the policies did not make
+        (shed, or the last resort), and the end of :meth:`finish`. Never raises."""
         span = None
         try:
             span = self.telemetry.record(decision, inp, start, metadata)
@@ -90,16 +103,3 @@ class CheckRecorder:
             log.exception("telemetry failed for decision %s", decision.decision_id)
         if self.decision_log is not None:  # never raises
             self.decision_log.record(decision, inp, wall, span, metadata, decided)
-
-    def record_undecided(
-        self, decision: Decision, inp: CheckInput | None, start: int, wall: int, metadata: Metadata
-    ) -> None:
-        """Telemetry and the decision log for an answer the policies did not make (shed,
-        or the last resort)."""
-        span = None
-        try:
-            span = self.telemetry.record(decision, inp, start, metadata)
-        except Exception:
-            log.exception("telemetry failed for decision %s", decision.decision_id)
-        if self.decision_log is not None:  # never raises
-            self.decision_log.record(decision, inp, wall, span, metadata)

@@ -271,46 +271,19 @@ class Server:
             )
         except RuntimeError as exc:
             raise ConfigError(f"--listen {self.listen}: cannot bind: {exc}") from exc
-        if self.admin_listen is not None:
-            try:
-                self._admin = self._admin_server(self.admin_listen)
-            except BaseException:
-                await server.stop(None)
-                raise
-            await self._admin.start()
-        if self.jwks is not None:
-            try:
-                self.jwks.start()
-            except BaseException:
-                await server.stop(None)
-                if self._admin is not None:
-                    await self._admin.stop(None)
-                    self._admin = None
-                raise
-        if self.http is not None:
-            try:
-                await self.http.start()
-            except BaseException:
-                await server.stop(None)
-                if self._admin is not None:
-                    await self._admin.stop(None)
-                    self._admin = None
-                if self.jwks is not None:
-                    self.jwks.stop()
-                raise
         try:
+            if self.admin_listen is not None:
+                self._admin = self._admin_server(self.admin_listen)
+                await self._admin.start()
+            if self.jwks is not None:
+                self.jwks.start()
+            if self.http is not None:
+                await self.http.start()
             if self.decision_log is not None:
                 self.decision_log.start()
             await server.start()
         except BaseException:
-            await server.stop(None)
-            if self.http is not None:
-                await self.http.stop(0)
-            if self._admin is not None:
-                await self._admin.stop(None)
-                self._admin = None
-            if self.jwks is not None:
-                self.jwks.stop()
+            await self._undo_start(server)
             raise
         for service in ("", AUTHORIZATION_SERVICE, POLICY_HEALTH_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -324,6 +297,18 @@ class Server:
             "" if self.http is None else f", HTTP on {_shown(self.http.listen, self.http.port)}",
             self.authorizer.policies.revision,
         )
+
+    async def _undo_start(self, server: grpc.aio.Server) -> None:
+        """A start that failed half-way: stop whatever had started (each stop is a no-op
+        for a part that had not)."""
+        await server.stop(None)
+        if self.http is not None:
+            await self.http.stop(0)
+        if self._admin is not None:
+            await self._admin.stop(None)
+            self._admin = None
+        if self.jwks is not None:
+            self.jwks.stop()
 
     def _admin_server(self, listen: str) -> grpc.aio.Server:
         """The admin listener: ``extauthz.admin.v1.Admin``, health and reflection."""
