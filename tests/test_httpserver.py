@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -1311,21 +1311,6 @@ async def test_a_cancelled_wait_for_keys_still_answers_once(tmp_path: Path) -> N
 
 
 # --- the unknown-kid refetch against a real HTTPS IdP ------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[DevCA, Path]:
-    authority = DevCA.create("idp.test")
-    path = tmp_path_factory.mktemp("ca") / "ca.pem"
-    path.write_bytes(authority.cert_pem)
-    return authority, path
-
-
-@pytest.fixture
-def idp(ca: tuple[DevCA, Path]) -> Iterator[IdpServer]:
-    pair = ca[0].issue_cert(common_name="127.0.0.1", ip_addresses=["127.0.0.1"])
-    with IdpServer(pair) as server:
-        yield server
 
 
 def jwt_policies(issuer: str, jwks_uri: str) -> str:

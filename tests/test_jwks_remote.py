@@ -40,21 +40,6 @@ from extauthz.telemetry import Telemetry
 AUDIENCE = "orders"
 
 
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[DevCA, Path]:
-    authority = DevCA.create("idp.test")
-    path = tmp_path_factory.mktemp("ca") / "ca.pem"
-    path.write_bytes(authority.cert_pem)
-    return authority, path
-
-
-@pytest.fixture
-def idp(ca: tuple[DevCA, Path]) -> Iterator[IdpServer]:
-    pair = ca[0].issue_cert(common_name="127.0.0.1", ip_addresses=["127.0.0.1"])
-    with IdpServer(pair) as server:
-        yield server
-
-
 def fetch_settings(ca_file: Path | None, **overrides: Any) -> FetchSettings:
     values: dict[str, Any] = {
         "refresh_interval": 300.0,
